@@ -1,0 +1,33 @@
+# The two Quick start commands of README.rst, plus the benchmarks.
+# Everything installs into .venv with only python3 and make on the machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# "compat" keeps twisted/plugins visible to Twisted's plugin discovery in an editable install.
+INSTALL := $(PY) -m pip install --disable-pip-version-check -q -e . --config-settings editable_mode=compat
+
+.PHONY: run test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
+
+$(VENV)/.installed: $(PY) setup.cfg pyproject.toml
+	$(INSTALL)
+	touch $@
+
+$(VENV)/.installed-test: $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]" --config-settings editable_mode=compat
+	touch $@ $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) -m spoon.examples --port 30111
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,670 @@
+"""The line adapter: run blocking-style Gulp handlers on Twisted transports, without threads.
+
+Each stream connection runs its handler inside a greenlet, in the reactor's own thread.
+Bytes from ``dataReceived`` go into a buffer.  A read the buffer can satisfy returns at
+once; a read that cannot switches back to the reactor (the "hub") and resumes when data,
+EOF or a timeout arrives.  Writes go to the transport; while the transport asks its
+producer to pause, the writing handler is suspended.  Input is bounded too: past a
+high-water mark the transport stops reading until the handler consumes what it has.
+
+So a slow or idle client costs one suspended greenlet, never a process or a thread, and a
+handler can also wait for a Twisted ``Deferred`` (:func:`wait`) without blocking others.
+"""
+
+import errno
+import socket
+
+import greenlet
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from zope.interface import implementer
+
+__all__ = [
+    "GulpFactory",
+    "GulpProtocol",
+    "GulpDatagramProtocol",
+    "LineTooLong",
+    "GreenSocket",
+    "GreenReader",
+    "GreenWriter",
+    "wait",
+]
+
+#: Default upper bound on one line returned by ``rfile.readline()`` (handler attribute
+#: ``max_line_length``).
+DEFAULT_MAX_LINE_LENGTH = 64 * 1024
+#: Default amount of unread input after which the transport stops reading (handler
+#: attribute ``read_high_water``).
+DEFAULT_READ_HIGH_WATER = 1024 * 1024
+#: Writes are handed to the transport in slices of at most this size, so that a huge
+#: ``wfile.write`` is paced by the client instead of being copied into one buffer.
+WRITE_CHUNK = 64 * 1024
+#: How many idle greenlets a pool keeps for reuse.
+POOL_MAX_IDLE = 256
+
+
+class LineTooLong(ValueError):
+    """``readline()`` found no end of line within the handler's ``max_line_length``."""
+
+
+def _current_hub():
+    """The greenlet that handlers switch back to: the one running the reactor."""
+    return greenlet.getcurrent()
+
+
+class GreenletPool:
+    """Reusable greenlets for running jobs; creating a greenlet per connection costs more
+    than switching into an idle one."""
+
+    def __init__(self, hub, max_idle=POOL_MAX_IDLE):
+        self.hub = hub
+        self.max_idle = max_idle
+        self.idle = []
+
+    def spawn(self, job, *args):
+        """Run ``job(*args)`` in a pooled greenlet until it first suspends or returns.
+
+        Must be called from the hub.
+        """
+        if self.idle:
+            g = self.idle.pop()
+        else:
+            g = greenlet.greenlet(self._loop, parent=self.hub)
+        g.switch(job, args)
+
+    def _loop(self, job, args):
+        idle = self.idle
+        hub = self.hub
+        while True:
+            job(*args)
+            job = args = None
+            if len(idle) >= self.max_idle:
+                return
+            idle.append(greenlet.getcurrent())
+            job, args = hub.switch()
+
+
+def wait(deferred, reactor=None):
+    """Suspend the calling handler until ``deferred`` fires; return its result or raise
+    its failure.  Other connections of the process are served meanwhile.
+
+    ``reactor`` is used only when the Deferred fires from another handler's greenlet: the
+    resumption is then scheduled on the reactor instead of nesting greenlets.
+    """
+    current = greenlet.getcurrent()
+    hub = current.parent
+    if hub is None:
+        raise RuntimeError("wait() must be called from a handler, not from the reactor")
+    outcome = []
+
+    def fired(result):
+        outcome.append(result)
+        if waiting:
+            if greenlet.getcurrent() is hub:
+                current.switch()
+            else:
+                _reactor(reactor).callLater(0, current.switch)
+        return None
+
+    waiting = False
+    deferred.addBoth(fired)
+    if not outcome:
+        waiting = True
+        try:
+            hub.switch()
+        finally:
+            waiting = False
+    result = outcome[0]
+    # Failure without importing it at module level: it has raiseException.
+    if hasattr(result, "raiseException") and hasattr(result, "value"):
+        result.raiseException()
+    return result
+
+
+def _reactor(reactor):
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class GulpProtocol(Protocol):
+    """One stream connection: its input buffer, its flow control and its handler greenlet.
+
+    Handlers never see this object directly; they use :class:`GreenSocket` (``request``),
+    :class:`GreenReader` (``rfile``) and :class:`GreenWriter` (``wfile``).
+    """
+
+    factory = None
+    handler_klass = None
+    client_address = None
+    connected_flag = False
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._scan = 0  # how far readline has already looked for b"\n"
+        self._eof = False  # no more input will come
+        self._closed = False  # the connection is gone
+        self._reading_paused = False  # we paused the transport (input high-water)
+        self._writes_paused = False  # the transport paused us (output buffer full)
+        self._producer_registered = False
+        self._waiting = None  # "read" or "write" while the handler is suspended on I/O
+        self._greenlet = None
+        self._timeout = None
+        self._high_water = DEFAULT_READ_HIGH_WATER
+        self._max_line = DEFAULT_MAX_LINE_LENGTH
+        self.socket = None
+
+    # -- Twisted side -------------------------------------------------------------------
+
+    def connectionMade(self):
+        factory = self.factory
+        klass = factory.handler_klass
+        self._high_water = getattr(klass, "read_high_water", DEFAULT_READ_HIGH_WATER)
+        self._max_line = getattr(klass, "max_line_length", DEFAULT_MAX_LINE_LENGTH)
+        peer = self.transport.getPeer()
+        addr = (peer.host, peer.port)
+        if getattr(peer, "flowInfo", None) is not None:
+            addr = (peer.host, peer.port, peer.flowInfo, peer.scopeID)
+        self.client_address = addr
+        self.socket = GreenSocket(self)
+        factory.connection_started(self)
+        factory.pool.spawn(self._run_handler)
+
+    def dataReceived(self, data):
+        buf = self._buf
+        buf += data
+        if self._waiting == "read":
+            self._wake()
+        elif len(buf) > self._high_water and not self._reading_paused and not self._eof:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def readConnectionLost(self):
+        self._eof = True
+        if self._waiting == "read":
+            self._wake()
+
+    def writeConnectionLost(self):
+        """The write side was half-closed; nothing to do, writes will fail."""
+
+    def connectionLost(self, reason=None):
+        self._eof = True
+        self._closed = True
+        self.factory.connection_ended(self)
+        if self._waiting is not None:
+            self._wake()
+
+    # IPushProducer: the transport tells us when its output buffer is full or drained.
+    def pauseProducing(self):
+        self._writes_paused = True
+
+    def resumeProducing(self):
+        self._writes_paused = False
+        if self._waiting == "write":
+            self._wake()
+
+    def stopProducing(self):
+        self._writes_paused = False
+        self._closed = True
+        if self._waiting == "write":
+            self._wake()
+
+    # -- handler greenlet -----------------------------------------------------------------
+
+    def _run_handler(self):
+        """Body of the handler greenlet: socketserver's process_request for one connection."""
+        factory = self.factory
+        server = factory.server
+        factory.active_handlers += 1
+        self._greenlet = greenlet.getcurrent()
+        try:
+            factory.handler_klass(self.socket, self.client_address, server)
+        except greenlet.GreenletExit:
+            raise
+        except BaseException:
+            try:
+                server.handle_error(self.socket, self.client_address)
+            except Exception:
+                factory.log_failure("handle_error itself failed")
+        finally:
+            factory.active_handlers -= 1
+            self._greenlet = None
+            self._close()
+
+    def _close(self):
+        """socketserver's shutdown_request: flush what was written, then close."""
+        if self._closed:
+            return
+        transport = self.transport
+        if self._producer_registered:
+            # A paused producer would keep loseConnection from ever completing.
+            self._producer_registered = False
+            transport.unregisterProducer()
+        transport.loseConnection()
+
+    def _wake(self):
+        """Resume the suspended handler (called from the hub or scheduled onto it)."""
+        g = self._greenlet
+        if g is None:
+            return
+        if greenlet.getcurrent() is self.factory.pool.hub:
+            g.switch()
+        else:
+            self.factory.reactor.callLater(0, self._wake_if_waiting, g)
+
+    def _wake_if_waiting(self, g):
+        if self._waiting is not None and self._greenlet is g:
+            g.switch()
+
+    def _suspend(self, why):
+        """Switch to the hub until ``_wake`` or the timeout; ``why`` is "read" or "write"."""
+        hub = self.factory.pool.hub
+        timeout = self._timeout
+        if greenlet.getcurrent() is hub:
+            raise RuntimeError("spoon handler I/O must run inside the handler greenlet")
+        if timeout is None:
+            self._waiting = why
+            try:
+                hub.switch()
+            finally:
+                self._waiting = None
+            return
+        if timeout == 0:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        g = greenlet.getcurrent()
+        call = self.factory.reactor.callLater(timeout, self._time_out, g)
+        self._waiting = why
+        try:
+            hub.switch()
+        finally:
+            self._waiting = None
+            if call.active():
+                call.cancel()
+
+    def _time_out(self, g):
+        if self._greenlet is g and self._waiting is not None:
+            g.throw(socket.timeout("timed out"))
+
+    # -- reading, used by GreenReader and GreenSocket ---------------------------------------
+
+    def _wait_for_input(self):
+        """Suspend until more input or EOF arrives; the handler asked for it, so read."""
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._suspend("read")
+
+    def _consumed(self):
+        """Called after taking bytes out of the buffer: resume reading under the mark."""
+        if self._reading_paused and len(self._buf) <= self._high_water // 2:
+            self._reading_paused = False
+            if not self._closed:
+                self.transport.resumeProducing()
+
+    def _take(self, n):
+        buf = self._buf
+        if n >= len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self._scan = 0
+        if self._reading_paused:
+            self._consumed()
+        return data
+
+    def recv(self, n):
+        if n <= 0:
+            return b""
+        while not self._buf and not self._eof:
+            self._wait_for_input()
+        return self._take(n)
+
+    def read(self, n=-1):
+        if n is None or n < 0:
+            while not self._eof:
+                self._wait_for_input()
+            return self._take(len(self._buf))
+        while len(self._buf) < n and not self._eof:
+            self._wait_for_input()
+        return self._take(n)
+
+    def readline(self, size=-1):
+        limit = self._max_line
+        explicit = size is not None and size >= 0
+        if explicit:
+            limit = size
+        buf = self._buf
+        while True:
+            i = buf.find(b"\n", self._scan, limit)
+            if i >= 0:
+                return self._take(i + 1)
+            if len(buf) >= limit:
+                if explicit:
+                    return self._take(limit)
+                raise LineTooLong(
+                    "line longer than max_line_length (%d bytes)" % self._max_line
+                )
+            if self._eof:
+                return self._take(len(buf))
+            self._scan = len(buf)
+            self._wait_for_input()
+
+    # -- writing, used by GreenWriter and GreenSocket ---------------------------------------
+
+    def sendall(self, data):
+        if self._closed:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        if not self._producer_registered:
+            self._producer_registered = True
+            self.transport.registerProducer(self, True)
+        n = len(data)
+        if n <= WRITE_CHUNK:
+            self._write_chunk(data if type(data) is bytes else bytes(data))
+            return
+        view = memoryview(data).cast("B")
+        for start in range(0, view.nbytes, WRITE_CHUNK):
+            self._write_chunk(bytes(view[start : start + WRITE_CHUNK]))
+
+    def _write_chunk(self, chunk):
+        while self._writes_paused and not self._closed:
+            self._suspend("write")
+        if self._closed:
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        self.transport.write(chunk)
+
+
+class GreenSocket:
+    """What a stream handler gets as ``self.request`` / ``self.connection``: the socket
+    methods handlers commonly call, made cooperative."""
+
+    __slots__ = ("_proto",)
+
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+
+    def __init__(self, proto):
+        self._proto = proto
+
+    def recv(self, bufsize, flags=0):
+        return self._proto.recv(bufsize)
+
+    def recv_into(self, buffer, nbytes=0, flags=0):
+        view = memoryview(buffer).cast("B")
+        data = self._proto.recv(nbytes or view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    def sendall(self, data, flags=0):
+        self._proto.sendall(data)
+
+    def send(self, data, flags=0):
+        self._proto.sendall(data)
+        return len(data)
+
+    def settimeout(self, value):
+        self._proto._timeout = None if value is None else float(value)
+
+    def gettimeout(self):
+        return self._proto._timeout
+
+    def setblocking(self, flag):
+        self._proto._timeout = None if flag else 0.0
+
+    def getpeername(self):
+        return self._proto.client_address
+
+    def getsockname(self):
+        host = self._proto.transport.getHost()
+        if getattr(host, "flowInfo", None) is not None:
+            return (host.host, host.port, host.flowInfo, host.scopeID)
+        return (host.host, host.port)
+
+    def _handle(self):
+        handle = getattr(self._proto.transport, "getHandle", None)
+        return handle() if handle is not None else None
+
+    def fileno(self):
+        handle = self._handle()
+        return handle.fileno() if handle is not None else -1
+
+    def setsockopt(self, *args):
+        handle = self._handle()
+        if handle is not None and hasattr(handle, "setsockopt"):
+            handle.setsockopt(*args)
+
+    def getsockopt(self, *args):
+        return self._handle().getsockopt(*args)
+
+    def shutdown(self, how):
+        proto = self._proto
+        if proto._closed:
+            raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            proto._eof = True
+            proto.transport.stopReading() if hasattr(
+                proto.transport, "stopReading"
+            ) else proto.transport.pauseProducing()
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            if proto._producer_registered:
+                proto._producer_registered = False
+                proto.transport.unregisterProducer()
+            proto.transport.loseWriteConnection()
+
+    def close(self):
+        """Closing is done when the handler returns (as socketserver does)."""
+
+    def makefile(self, mode="r", buffering=None, **kwargs):
+        if "w" in mode:
+            return GreenWriter(self._proto)
+        if "b" not in mode:
+            raise ValueError("spoon handler sockets only offer binary files")
+        return GreenReader(self._proto)
+
+    def __repr__(self):
+        return "<GreenSocket peer=%r>" % (self._proto.client_address,)
+
+
+class _GreenFile:
+    __slots__ = ("_proto", "closed")
+
+    def __init__(self, proto):
+        self._proto = proto
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+    def readable(self):
+        return False
+
+    def writable(self):
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class GreenReader(_GreenFile):
+    """``rfile``: a binary file over the connection's input buffer."""
+
+    __slots__ = ()
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        return self._proto.read(size)
+
+    def read1(self, size=-1):
+        return self._proto.recv(size if size and size > 0 else WRITE_CHUNK)
+
+    def readline(self, size=-1):
+        return self._proto.readline(size)
+
+    def readlines(self, hint=-1):
+        lines = []
+        total = 0
+        while True:
+            line = self._proto.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if hint is not None and 0 < hint <= total:
+                return lines
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        data = self._proto.read(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        line = self._proto.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
+class GreenWriter(_GreenFile):
+    """``wfile``: a binary file writing to the connection (unbuffered, like socketserver's
+    default ``wbufsize = 0``)."""
+
+    __slots__ = ()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if self.closed:
+            raise ValueError("write to closed file")
+        self._proto.sendall(data)
+        return len(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        if self.closed:
+            raise ValueError("flush of closed file")
+
+
+class GulpFactory(Factory):
+    """The protocol factory of a stream Spoon: usable on any Twisted stream endpoint."""
+
+    protocol = GulpProtocol
+    noisy = False
+
+    def __init__(self, server, handler_klass, reactor=None, log=None):
+        self.server = server
+        self.handler_klass = handler_klass
+        self.reactor = _reactor(reactor)
+        self.log = log
+        self.pool = None
+        self.active_handlers = 0
+        self.connections = set()
+        self._idle_callbacks = []
+
+    def buildProtocol(self, addr):
+        p = GulpProtocol()
+        p.factory = self
+        if self.pool is None:
+            self.pool = GreenletPool(_current_hub())
+        return p
+
+    def connection_started(self, proto):
+        self.connections.add(proto)
+
+    def connection_ended(self, proto):
+        self.connections.discard(proto)
+        if not self.connections and self._idle_callbacks:
+            callbacks, self._idle_callbacks = self._idle_callbacks, []
+            for cb in callbacks:
+                cb()
+
+    def when_idle(self, callback):
+        """Call ``callback()`` once no connection is open (at once if none is)."""
+        if not self.connections:
+            callback()
+        else:
+            self._idle_callbacks.append(callback)
+
+    def abort_all(self):
+        """Close every open connection now (end of a graceful stop's grace period)."""
+        for proto in list(self.connections):
+            transport = proto.transport
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
+
+    def log_failure(self, what):
+        if self.log is not None:
+            self.log.exception(what)
+
+
+class _DatagramReply:
+    """``self.socket`` of a datagram handler: ``sendto`` goes out through the transport."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def sendto(self, data, *args):
+        address = args[-1]
+        self._transport.write(bytes(data), address)
+        return len(data)
+
+    def getsockname(self):
+        host = self._transport.getHost()
+        return (host.host, host.port)
+
+
+class GulpDatagramProtocol(DatagramProtocol):
+    """The datagram protocol of a UDP Spoon: one handler run per datagram, in a greenlet so
+    that it may ``wait()`` on Deferreds."""
+
+    noisy = False
+
+    def __init__(self, server, handler_klass, reactor=None):
+        self.server = server
+        self.handler_klass = handler_klass
+        self.reactor = _reactor(reactor)
+        self.pool = None
+        self.active_handlers = 0
+        self.connections = ()
+
+    def datagramReceived(self, data, addr):
+        if self.pool is None:
+            self.pool = GreenletPool(_current_hub())
+        self.pool.spawn(self._run_handler, data, tuple(addr))
+
+    def _run_handler(self, data, addr):
+        self.active_handlers += 1
+        request = (data, _DatagramReply(self.transport))
+        try:
+            self.handler_klass(request, addr, self.server)
+        except greenlet.GreenletExit:
+            raise
+        except BaseException:
+            try:
+                self.server.handle_error(request, addr)
+            except Exception:
+                pass
+        finally:
+            self.active_handlers -= 1
+
+    def when_idle(self, callback):
+        callback()
+
+    def abort_all(self):
+        pass

@@ -1,0 +1,358 @@
+"""The original spoon API: Gulp handlers and Spoon/Spork servers, served by Twisted.
+
+Code written for spoon 1.0.x runs unchanged: handlers keep socketserver's contract
+(``setup()``, ``handle()``, ``finish()``, ``rfile``, ``wfile``) and their blocking style,
+servers keep their class attributes, signals and methods.  Underneath, every server owns a
+Twisted protocol factory (:meth:`_SpoonMixIn.protocol_factory`) that any Twisted program
+can also listen with, and ``serve_forever()`` runs a reactor.
+
+The behaviour lives in mixins and the concrete classes have empty bodies, as in the
+original, so that ``class Forked(MyEchoServer, TCPSpork)`` still gets the Spork behaviour
+although ``MyEchoServer`` (a TCPSpoon) comes first in its MRO.
+"""
+
+import logging
+import signal
+import socket
+import socketserver
+import threading
+
+from spoon import adapter
+from spoon.logs import bridge_twisted_to_stdlib
+from spoon.reactors import mark_ran, reactor_for_serving
+
+__all__ = [
+    "Gulp",
+    "TCPGulp",
+    "UDPGulp",
+    "TCPSpoon",
+    "UDPSpoon",
+    "TCPSpork",
+    "UDPSpork",
+    "LineTooLong",
+]
+
+LineTooLong = adapter.LineTooLong
+
+
+class _Gulp:
+    """Handle a single request: implement :meth:`handle`."""
+
+    def handle(self):
+        raise NotImplementedError()
+
+    def wait(self, deferred):
+        """Suspend this handler until ``deferred`` fires and return its result (or raise
+        its failure).  The reactor and the other connections carry on meanwhile."""
+        reactor = getattr(getattr(self.server, "_factory", None), "reactor", None)
+        return adapter.wait(deferred, reactor)
+
+
+class TCPGulp(_Gulp, socketserver.StreamRequestHandler):
+    """Handle one TCP connection with blocking-style ``rfile``/``wfile``.
+
+    ``timeout``: seconds a read or write may wait before ``socket.timeout`` is raised in
+    the handler (None: wait forever).  ``max_line_length``: the longest line
+    ``rfile.readline()`` returns; a longer one raises :class:`LineTooLong`.
+    ``read_high_water``: unread input above which the server stops reading the socket.
+    """
+
+    timeout = None
+    max_line_length = adapter.DEFAULT_MAX_LINE_LENGTH
+    read_high_water = adapter.DEFAULT_READ_HIGH_WATER
+
+    def setup(self):
+        connection = self.connection = self.request
+        if not isinstance(connection, adapter.GreenSocket):
+            # Used with a real socket (e.g. under stdlib socketserver): plain behaviour.
+            return super().setup()
+        if self.timeout is not None:
+            connection.settimeout(self.timeout)
+        if self.disable_nagle_algorithm:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = connection.makefile("rb", self.rbufsize)
+        self.wfile = connection.makefile("wb", self.wbufsize)
+
+
+Gulp = TCPGulp
+
+
+class UDPGulp(_Gulp, socketserver.DatagramRequestHandler):
+    """Handle one datagram: ``rfile`` reads it, what ``wfile`` holds after ``finish()`` is
+    sent back to the sender as one datagram."""
+
+
+def _address_text(address):
+    host, port = address[0], address[1]
+    return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
+
+
+class _SpoonMixIn:
+    """A server that consumes Gulps in a single process."""
+
+    server_logger = "spoon-server"
+    handler_klass = TCPGulp
+    # Custom signal handling
+    signal_reload = signal.SIGUSR1
+    signal_shutdown = signal.SIGTERM
+    # Socket options.
+    ipv6_only = False
+    allow_reuse_address = True
+    request_queue_size = 1024
+    #: Seconds a graceful stop waits for in-flight handlers before closing them.
+    graceful_timeout = 30
+    command_line_defaults = {
+        "port": 5000,
+        "interface": "::0",
+        "pid_file": None,
+        "log_file": None,
+        "sentry_dsn": None,
+        "spork": None,
+    }
+
+    socket_type = socket.SOCK_STREAM
+
+    def __init__(self, address, bind_and_activate=True):
+        self.log = logging.getLogger(self.server_logger)
+        self.server_address = tuple(address)
+        self.address_family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
+        self.socket = None
+        self._reactor = None
+        self._factory = None
+        self._port = None
+        self._serving_thread = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._shutdown_requested = False
+        self._stopping = False
+        self._grace_call = None
+        self.load_config()
+        if bind_and_activate:
+            self.socket = self._bind(self.server_address)
+            self.server_address = self.socket.getsockname()
+            self._install_signal_handlers()
+
+    # -- socket ---------------------------------------------------------------------------
+
+    def _bind(self, address):
+        """Bind and listen now, so that a busy port fails in the constructor."""
+        sock = socket.socket(self.address_family, self.socket_type)
+        try:
+            if self.allow_reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.address_family == socket.AF_INET6:
+                sock.setsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if self.ipv6_only else 0
+                )
+            sock.bind(address)
+            if self.socket_type == socket.SOCK_STREAM:
+                sock.listen(self.request_queue_size)
+        except OSError as e:
+            sock.close()
+            raise OSError(
+                e.errno, "cannot listen on %s: %s" % (_address_text(address), e.strerror)
+            ) from e
+        sock.setblocking(False)
+        return sock
+
+    def fileno(self):
+        return self.socket.fileno()
+
+    def server_close(self):
+        """Close the listening socket."""
+        if self.socket is not None:
+            self.socket.close()
+
+    # -- the Twisted side -----------------------------------------------------------------
+
+    def protocol_factory(self, reactor=None):
+        """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
+        this server; listen with it on any endpoint of a running reactor."""
+        return adapter.GulpFactory(self, self.handler_klass, reactor, self.log)
+
+    def _listen(self, reactor):
+        """Serve this server's bound socket in ``reactor``."""
+        self._factory = self.protocol_factory(reactor)
+        self._port = reactor.adoptStreamPort(
+            self.socket.fileno(), self.address_family, self._factory
+        )
+
+    # -- serving --------------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval=0.1):
+        """Run a reactor serving this server until :meth:`shutdown` (or SIGTERM).
+
+        ``poll_interval`` is accepted for compatibility; the reactor needs no polling.
+        """
+        reactor = reactor_for_serving()
+        self._reactor = reactor
+        self._stopping = False
+        self._serving_thread = threading.get_ident()
+        self._stopped.clear()
+        bridge_twisted_to_stdlib()
+        try:
+            self._listen(reactor)
+            reactor.callWhenRunning(self._started)
+            mark_ran(reactor)
+            reactor.run()
+        finally:
+            self._reactor = None
+            self._serving_thread = None
+            self._stopped.set()
+
+    def _started(self):
+        # reactor.run() installed Twisted's own SIGINT/SIGTERM handlers: ours win.
+        self._install_signal_handlers()
+        if self._shutdown_requested:
+            self._shutdown_requested = False
+            self._begin_stop(graceful=True)
+
+    def shutdown(self):
+        """Stop gracefully: stop accepting, let in-flight handlers finish (for at most
+        ``graceful_timeout`` seconds), then return from ``serve_forever``.
+
+        Safe to call from a signal handler, a handler or another thread; from another
+        thread it waits until ``serve_forever`` has returned, as socketserver does.
+        """
+        reactor = self._reactor
+        if reactor is None:
+            self._shutdown_requested = True
+            return
+        reactor.callFromThread(self._begin_stop, True)
+        if self._serving_thread not in (None, threading.get_ident()):
+            self._stopped.wait()
+
+    def _begin_stop(self, graceful):
+        reactor = self._reactor
+        if reactor is None:
+            return
+        if self._stopping and graceful:
+            return
+        self._stopping = True
+        if self._port is not None:
+            port, self._port = self._port, None
+            port.stopListening()
+        factory = self._factory
+        if not graceful or factory is None:
+            self._end_stop(abort=True)
+            return
+        if factory.connections:
+            self.log.info(
+                "Graceful stop: waiting for %d connection(s), at most %ss",
+                len(factory.connections),
+                self.graceful_timeout,
+            )
+        self._grace_call = reactor.callLater(self.graceful_timeout, self._end_stop, True)
+        factory.when_idle(self._end_stop)
+
+    def _end_stop(self, abort=False):
+        call, self._grace_call = self._grace_call, None
+        if call is not None and call.active():
+            call.cancel()
+        factory = self._factory
+        if abort and factory is not None and factory.connections:
+            self.log.warning(
+                "Closing %d connection(s) still open at the end of the stop",
+                len(factory.connections),
+            )
+            factory.abort_all()
+        reactor = self._reactor
+        if reactor is not None and reactor.running:
+            # Let the aborts reach the sockets before the loop ends.
+            reactor.callLater(0, reactor.stop)
+
+    # -- signals and configuration --------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.log.debug("Not in the main thread: no signal handlers installed")
+            return
+        if self.signal_reload is not None:
+            signal.signal(self.signal_reload, self.reload_handler)
+        if self.signal_shutdown is not None:
+            signal.signal(self.signal_shutdown, self.shutdown_handler)
+        signal.signal(signal.SIGINT, self.interrupt_handler)
+
+    def load_config(self):
+        """Read the configuration; called at construction and again on SIGUSR1.
+
+        Can be reimplemented.
+        """
+
+    def shutdown_handler(self, *args, **kwargs):
+        """Handler for the shutdown signal (SIGTERM): graceful stop."""
+        self.log.info("SIGTERM received. Shutting down.")
+        self.shutdown()
+
+    def interrupt_handler(self, *args, **kwargs):
+        """Handler for SIGINT (Ctrl-C): stop now, closing open connections."""
+        self.log.info("SIGINT received. Stopping now.")
+        reactor = self._reactor
+        if reactor is None:
+            raise KeyboardInterrupt
+        reactor.callFromThread(self._begin_stop, False)
+
+    def reload_handler(self, *args, **kwargs):
+        """Handler for the reload signal (SIGUSR1): ``load_config()`` in the reactor
+        thread, between requests."""
+        self.log.info("SIGUSR1 received. Reloading configuration.")
+        reactor = self._reactor
+        if reactor is None:
+            self._reload()
+        else:
+            reactor.callFromThread(self._reload)
+
+    def _reload(self):
+        try:
+            self.load_config()
+        except Exception:
+            self.log.exception("load_config() failed; keeping the previous configuration")
+
+    def handle_error(self, request, client_address):
+        """Called inside ``except`` when a handler raised: log it with its traceback."""
+        self.log.error(
+            "Error while processing request from: %s", client_address, exc_info=True
+        )
+
+
+class _DatagramMixIn:
+    """Socket type and Twisted listening for datagram servers."""
+
+    socket_type = socket.SOCK_DGRAM
+    handler_klass = UDPGulp
+
+    def protocol_factory(self, reactor=None):
+        return adapter.GulpDatagramProtocol(self, self.handler_klass, reactor)
+
+    def _listen(self, reactor):
+        self._factory = self.protocol_factory(reactor)
+        self._port = reactor.adoptDatagramPort(
+            self.socket.fileno(), self.address_family, self._factory
+        )
+
+
+class _SporkMixIn(_SpoonMixIn):
+    """The same as a Spoon, but pre-forks ``prefork`` worker processes that share the
+    listening socket.  ``pids`` lists the workers in the master, None in a worker."""
+
+    prefork = 4
+
+    def __init__(self, address, bind_and_activate=True):
+        self.pids = None
+        _SpoonMixIn.__init__(self, address, bind_and_activate)
+
+
+class TCPSpoon(_SpoonMixIn):
+    """A TCP server that handles everything in a single process."""
+
+
+class TCPSpork(_SporkMixIn):
+    """A TCP server that pre-forks a number of worker processes."""
+
+
+class UDPSpoon(_DatagramMixIn, _SpoonMixIn):
+    """A UDP server that handles everything in a single process."""
+
+
+class UDPSpork(_DatagramMixIn, _SporkMixIn):
+    """A UDP server that pre-forks a number of worker processes."""
