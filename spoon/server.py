@@ -11,6 +11,7 @@ original, so that ``class Forked(MyEchoServer, TCPSpork)`` still gets the Spork 
 although ``MyEchoServer`` (a TCPSpoon) comes first in its MRO.
 """
 
+import contextlib
 import logging
 import signal
 import socket
@@ -82,6 +83,25 @@ class UDPGulp(_Gulp, socketserver.DatagramRequestHandler):
     sent back to the sender as one datagram."""
 
 
+_inherited_sockets = []
+
+
+@contextlib.contextmanager
+def using_socket(sock):
+    """Servers constructed inside this block adopt ``sock`` (an already bound, and for
+    streams listening, socket) instead of binding their address.
+
+    This is how a supervisor started with an inherited descriptor (twistd, the embedding
+    service) builds a user's server class whatever its ``__init__`` looks like.
+    """
+    _inherited_sockets.append(sock)
+    try:
+        yield sock
+    finally:
+        if _inherited_sockets and _inherited_sockets[-1] is sock:
+            _inherited_sockets.pop()
+
+
 def _address_text(address):
     host, port = address[0], address[1]
     return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
@@ -136,6 +156,11 @@ class _SpoonMixIn:
 
     def _bind(self, address):
         """Bind and listen now, so that a busy port fails in the constructor."""
+        if _inherited_sockets:
+            sock = _inherited_sockets.pop()
+            sock.setblocking(False)
+            self.address_family = sock.family
+            return sock
         sock = socket.socket(self.address_family, self.socket_type)
         try:
             if self.allow_reuse_address:
