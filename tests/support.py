@@ -123,7 +123,7 @@ class ServerProcess:
 
     def __init__(self, source, args=(), env=None, ready_timeout=15.0, cwd=None):
         self.source = textwrap.dedent(source)
-        code = "import sys; sys.path.insert(0, %r)\n" % ROOT + self.source
+        code = "import sys; sys.path[:0] = [%r, %r]\n" % (ROOT, HERE) + self.source
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         if env:
