@@ -153,6 +153,7 @@ class GulpProtocol(Protocol):
         self._timeout = None
         self._high_water = DEFAULT_READ_HIGH_WATER
         self._max_line = DEFAULT_MAX_LINE_LENGTH
+        self._started = False  # the handler greenlet has been started
         self.socket = None
 
     # -- Twisted side -------------------------------------------------------------------
@@ -169,13 +170,18 @@ class GulpProtocol(Protocol):
         self.client_address = addr
         self.socket = GreenSocket(self)
         factory.connection_started(self)
-        factory.pool.spawn(self._run_handler)
+        if not factory.lazy_start:
+            self._started = True
+            factory.pool.spawn(self._run_handler)
 
     def dataReceived(self, data):
         buf = self._buf
         buf += data
         if self._waiting == "read":
             self._wake()
+        elif not self._started:
+            self._started = True
+            self.factory.pool.spawn(self._run_handler)
         elif len(buf) > self._high_water and not self._reading_paused and not self._eof:
             self._reading_paused = True
             self.transport.pauseProducing()
@@ -184,6 +190,9 @@ class GulpProtocol(Protocol):
         self._eof = True
         if self._waiting == "read":
             self._wake()
+        elif not self._started:
+            self._started = True
+            self.factory.pool.spawn(self._run_handler)
 
     def writeConnectionLost(self):
         """The write side was half-closed; nothing to do, writes will fail."""
@@ -219,7 +228,14 @@ class GulpProtocol(Protocol):
         factory.active_handlers += 1
         self._greenlet = greenlet.getcurrent()
         try:
-            factory.handler_klass(self.socket, self.client_address, server)
+            klass = factory.handler_klass
+            if factory.plain_new:
+                # Same as klass(...), without a C-level call between the greenlet and
+                # the handler's frames: a suspended handler then saves less stack.
+                handler = object.__new__(klass)
+                handler.__init__(self.socket, self.client_address, server)
+            else:
+                klass(self.socket, self.client_address, server)
         except greenlet.GreenletExit:
             raise
         except BaseException:
@@ -565,9 +581,13 @@ class GulpFactory(Factory):
     protocol = GulpProtocol
     noisy = False
 
-    def __init__(self, server, handler_klass, reactor=None, log=None):
+    def __init__(self, server, handler_klass, reactor=None, log=None, lazy_start=False):
         self.server = server
         self.handler_klass = handler_klass
+        #: Start a connection's handler at its first byte (or EOF) instead of at accept:
+        #: only correct for protocols where the client speaks first.
+        self.lazy_start = lazy_start
+        self.plain_new = handler_klass.__new__ is object.__new__
         self.reactor = _reactor(reactor)
         self.log = log
         self.pool = None

@@ -121,6 +121,11 @@ class _SpoonMixIn:
     request_queue_size = 1024
     #: Seconds a graceful stop waits for in-flight handlers before closing them.
     graceful_timeout = 30
+    #: Opt-in for protocols where the client always speaks first (never set it for a
+    #: handler that greets before reading): a connection's handler then starts at its
+    #: first byte, so an idle connection holds no greenlet, and on Linux the kernel hands
+    #: over connections only once they have data (TCP_DEFER_ACCEPT).
+    client_speaks_first = False
     command_line_defaults = {
         "port": 5000,
         "interface": "::0",
@@ -171,6 +176,8 @@ class _SpoonMixIn:
                 )
             sock.bind(address)
             if self.socket_type == socket.SOCK_STREAM:
+                if self.client_speaks_first and hasattr(socket, "TCP_DEFER_ACCEPT"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
                 sock.listen(self.request_queue_size)
         except OSError as e:
             sock.close()
@@ -193,7 +200,9 @@ class _SpoonMixIn:
     def protocol_factory(self, reactor=None):
         """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
         this server; listen with it on any endpoint of a running reactor."""
-        return adapter.GulpFactory(self, self.handler_klass, reactor, self.log)
+        return adapter.GulpFactory(
+            self, self.handler_klass, reactor, self.log, lazy_start=self.client_speaks_first
+        )
 
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``."""

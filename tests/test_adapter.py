@@ -484,3 +484,27 @@ def test_readlines_and_writelines():
     c.feed(b"a\nb\nc")
     c.eof()
     assert c.out() == b"3:a\nb\nc"
+
+
+def test_lazy_start_runs_the_handler_at_the_first_byte_only():
+    server = RecordingServer()
+    factory = GulpFactory(server, Lower, MemoryReactorClock(), lazy_start=True)
+    c = Conn(Lower, factory=factory, server=server)
+    assert factory.active_handlers == 0  # idle connection: no greenlet yet
+    c.feed(b"LAZY\n")
+    assert c.out() == b"lazy\n" and c.closed
+    quiet = Conn(Lower, factory=factory, server=server)
+    quiet.eof()  # EOF before any byte still runs the handler, which reads b""
+    assert quiet.closed and factory.active_handlers == 0
+
+
+def test_client_speaks_first_is_an_opt_in_of_the_server_class():
+    assert spoon.server.TCPSpoon.client_speaks_first is False
+
+    class Lazy(spoon.server.TCPSpoon):
+        client_speaks_first = True
+
+    eager = spoon.server.TCPSpoon(("127.0.0.1", 0), bind_and_activate=False)
+    lazy = Lazy(("127.0.0.1", 0), bind_and_activate=False)
+    assert eager.protocol_factory(MemoryReactorClock()).lazy_start is False
+    assert lazy.protocol_factory(MemoryReactorClock()).lazy_start is True
