@@ -1,0 +1,773 @@
+"""Twisted services that run a spoon server inside a program that already has a reactor.
+
+Two ways, one per process model (DESIGN.md §2):
+
+- :class:`ServeService` serves a spoon server in *this* reactor (no pre-forking): it
+  listens with ``server.protocol_factory(reactor)`` and stops gracefully, letting in-flight
+  handlers finish.
+- :class:`PreforkService` runs a pre-forked pool.  A process with a running reactor must
+  not fork workers that keep using that reactor (epoll and waker descriptors would be
+  shared), so the service binds the listening socket itself (in
+  ``privilegedStartService``, before ``twistd --uid`` drops privileges) and *executes*
+  ``python -m spoon.prefork`` with ``reactor.spawnProcess``, handing the socket down as an
+  inherited descriptor.  The supervisor forks the workers; their output comes back here one
+  log event per line.
+
+Both are plain ``IService`` providers: add them to an application (``twistd spoon`` does,
+see :mod:`spoon.tap`) or call ``startService``/``stopService`` yourself.
+"""
+
+import importlib
+import inspect
+import os
+import signal
+import socket
+import sys
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+
+__all__ = [
+    "TargetError",
+    "resolve",
+    "SocketSpec",
+    "parse_socket_endpoint",
+    "bind_socket",
+    "PreforkService",
+    "ServeService",
+    "build_server",
+]
+
+#: Descriptor number under which the supervisor receives the listening socket.
+CHILD_SOCKET_FD = 3
+#: Twisted endpoint types that name a plain socket this module can bind (and hand down).
+SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6")
+
+
+class TargetError(ValueError):
+    """A dotted path that cannot be imported, or does not name what it should."""
+
+
+def _global_reactor(reactor):
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor
+
+
+# -- dotted paths ---------------------------------------------------------------------------
+
+
+def resolve(path):
+    """Import the object named by ``path`` ("package.module.Name").
+
+    Raises :class:`TargetError` naming ``path`` when that fails, because "No module named
+    'x'" alone does not tell a daemon's operator which option was wrong.
+    """
+    if not isinstance(path, str) or "." not in path.strip("."):
+        raise TargetError("%r is not a dotted path (expected package.module.Name)" % (path,))
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise TargetError("cannot import %r: %s: %s" % (path, type(e).__name__, e)) from e
+    try:
+        obj = module
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as e:
+        raise TargetError(
+            "cannot import %r: module %r has no attribute %r" % (path, module_name, attribute)
+        ) from e
+    return obj
+
+
+def _import_root(path):
+    """The ``sys.path`` entry from which the module of ``path`` was imported (None if it
+    cannot be told): the supervisor, a fresh interpreter, needs it to import the target."""
+    module_name = path.rpartition(".")[0]
+    module = sys.modules.get(module_name)
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return None
+    root = os.path.dirname(os.path.abspath(filename))
+    depth = module_name.count(".") + (1 if os.path.basename(filename) == "__init__.py" else 0)
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+def _is_spoon_server_class(obj):
+    from spoon import server
+
+    return isinstance(obj, type) and issubclass(
+        obj, (server.TCPSpoon, server.UDPSpoon, server.TCPSpork, server.UDPSpork)
+    )
+
+
+def _is_datagram_server_class(obj):
+    from spoon import server
+
+    return _is_spoon_server_class(obj) and issubclass(obj, (server.UDPSpoon, server.UDPSpork))
+
+
+# -- sockets --------------------------------------------------------------------------------
+
+
+class SocketSpec:
+    """What to bind: ``kind`` ("tcp" or "udp"), ``host``, ``port``, ``backlog`` (None: the
+    server class decides)."""
+
+    def __init__(self, kind, host, port, backlog=None):
+        self.kind = kind
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+
+    @property
+    def datagram(self):
+        return self.kind == "udp"
+
+    def __repr__(self):
+        return "SocketSpec(%r, %r, %r, backlog=%r)" % (self.kind, self.host, self.port, self.backlog)
+
+
+def _split_description(description):
+    """Split a Twisted endpoint string on unescaped colons ("tcp:80:interface=\\:\\:1")."""
+    parts, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def parse_socket_endpoint(description):
+    """A :class:`SocketSpec` for "tcp:", "tcp6:" and "udp:" endpoint strings (the ones that
+    name a socket this process can bind and hand to a supervisor); None for any other type.
+
+    Raises ValueError for a malformed socket endpoint.
+    """
+    parts = _split_description(description)
+    kind = parts[0].strip().lower()
+    if len(parts) == 1 and kind.isdigit():  # Twisted's old "8080" shorthand
+        kind, parts = "tcp", ["tcp", parts[0]]
+    if kind not in SOCKET_ENDPOINT_TYPES:
+        return None
+    positional, keywords = [], {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            keywords[key.strip()] = value
+        else:
+            positional.append(part)
+    names = ["port", "interface", "backlog"]
+    for name, value in zip(names, positional):
+        keywords.setdefault(name, value)
+    if len(positional) > len(names):
+        raise ValueError("too many arguments in endpoint %r" % description)
+    unknown = set(keywords) - set(names)
+    if unknown:
+        raise ValueError("unknown option(s) %s in endpoint %r" % (", ".join(sorted(unknown)), description))
+    try:
+        port = int(keywords["port"])
+    except (KeyError, ValueError):
+        raise ValueError("endpoint %r needs a numeric port" % description) from None
+    default_host = "::" if kind.endswith("6") else "0.0.0.0"
+    host = keywords.get("interface") or default_host
+    backlog = keywords.get("backlog")
+    try:
+        backlog = int(backlog) if backlog is not None else None
+    except ValueError:
+        raise ValueError("endpoint %r: backlog must be a number" % description) from None
+    return SocketSpec(kind.rstrip("6"), host, port, backlog)
+
+
+def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
+    """Bind (and for TCP, listen on) the socket ``spec`` describes, as a spoon server would:
+    IPv6 when the host contains ":", dual-stack unless ``ipv6_only``."""
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM)
+    try:
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if ipv6_only else 0)
+        sock.bind((spec.host, spec.port))
+        if not spec.datagram:
+            sock.listen(spec.backlog if spec.backlog is not None else backlog)
+    except OSError as e:
+        sock.close()
+        where = "[%s]:%s" % (spec.host, spec.port) if ":" in spec.host else "%s:%s" % (spec.host, spec.port)
+        raise OSError(e.errno, "cannot bind %s %s: %s" % (spec.kind, where, e.strerror)) from e
+    sock.setblocking(False)
+    return sock
+
+
+def _socket_options(klass):
+    """Binding options a spoon server class declares (defaults for anything else)."""
+    return {
+        "ipv6_only": bool(getattr(klass, "ipv6_only", False)),
+        "reuse_address": bool(getattr(klass, "allow_reuse_address", True)),
+        "backlog": int(getattr(klass, "request_queue_size", 1024)),
+    }
+
+
+# -- log relay ------------------------------------------------------------------------------
+
+
+class _LineRelay:
+    """Turn a byte stream into one log event per line (a partial line waits for its end)."""
+
+    MAX_LINE = 64 * 1024
+
+    def __init__(self, emit):
+        self._emit = emit
+        self._buffer = b""
+
+    def feed(self, data):
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        if len(self._buffer) > self.MAX_LINE:
+            lines.append(self._buffer)
+            self._buffer = b""
+        for line in lines:
+            self._send(line)
+
+    def flush(self):
+        if self._buffer:
+            line, self._buffer = self._buffer, b""
+            self._send(line)
+
+    def _send(self, line):
+        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        if text.strip():
+            self._emit(text)
+
+
+class _SupervisorProtocol(ProcessProtocol):
+    """The service's side of one supervisor process: relays its output, reports its end."""
+
+    def __init__(self, service, log):
+        self.service = service
+        self.started_at = service.reactor.seconds()
+        self.relays = {fd: _LineRelay(self._line) for fd in (1, 2)}
+        self.log = log
+
+    def _line(self, text):
+        # The supervisor and its workers put their own pid in every line they write.
+        self.log.info("{line}", line=text, log_system="spoon.pool", spoon_pid_in_text=True)
+
+    def childDataReceived(self, childFD, data):
+        relay = self.relays.get(childFD)
+        if relay is not None:
+            relay.feed(data)
+
+    def processEnded(self, reason):
+        for relay in self.relays.values():
+            relay.flush()
+        self.service._supervisor_ended(self, reason)
+
+
+def _descendants(pid):
+    """Every live process below ``pid`` (read from /proc), for the last-resort kill."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class PreforkService(service.Service):
+    """Run a pre-forked pool of ``target`` (dotted path of a spoon server class, or of a
+    callable returning a Twisted ``IProtocolFactory``) on one listening socket.
+
+    ``endpoint``: a "tcp:PORT[:interface=HOST][:backlog=N]", "tcp6:..." or "udp:..."
+    string, a ``(host, port)`` tuple (TCP, or UDP for a datagram server class), or an
+    already bound socket object.  ``workers``: pool size (default: the class's ``prefork``).
+    ``graceful_timeout`` / ``worker_timeout``: passed to the supervisor (default: its own).
+    ``reactor``: the reactor to spawn from (default: the global one).
+
+    After ``privilegedStartService`` (or ``startService``) ``address`` is the bound address,
+    so port 0 works.  ``stopService`` stops the pool gracefully (SIGTERM) and fires when the
+    supervisor has exited; since every worker inherits the supervisor's output pipes, that is
+    also when every worker is gone.  If the supervisor dies on its own it is started again,
+    after a delay that doubles on every quick death (``restart_delay`` bounds it).
+    """
+
+    name = None
+    #: Seconds beyond ``graceful_timeout`` to wait before killing what is left of the pool.
+    stop_margin = 10.0
+    #: A supervisor that ran at least this long resets the back-off.
+    stable_after = 30.0
+
+    def __init__(
+        self,
+        target,
+        endpoint=("127.0.0.1", 0),
+        workers=None,
+        graceful_timeout=None,
+        worker_timeout=None,
+        reactor=None,
+        restart_delay=(0.5, 30.0),
+        python=None,
+        python_path=(),
+        extra_args=(),
+    ):
+        self.target = target
+        self.target_object = resolve(target)
+        if isinstance(self.target_object, type) and not _is_spoon_server_class(self.target_object):
+            raise TargetError("%r is a class but not a spoon server class" % target)
+        if not callable(self.target_object):
+            raise TargetError("%r is neither a spoon server class nor a callable" % target)
+        if getattr(self.target_object, "__module__", None) == "__main__" or target.startswith("__main__."):
+            raise TargetError(
+                "%r is defined in __main__, which the supervisor (a new interpreter) cannot "
+                "import: move it to a module" % target
+            )
+        self._endpoint = endpoint
+        self.spec = self._spec_for(endpoint)
+        self.workers = workers
+        self.graceful_timeout = graceful_timeout
+        self.worker_timeout = worker_timeout
+        self._reactor = reactor
+        self.restart_delay = restart_delay
+        self.python = python or sys.executable
+        roots = [p for p in python_path if p]
+        root = _import_root(target)
+        if root is not None and root not in roots:
+            roots.append(root)
+        self.python_path = roots
+        self.extra_args = list(extra_args)
+        self.log = Logger(namespace="spoon.pool")
+        self.socket = endpoint if isinstance(endpoint, socket.socket) else None
+        self.address = self.socket.getsockname() if self.socket is not None else None
+        self.process = None
+        self._protocol = None
+        self._stopping = False
+        self._stopped_deferreds = []
+        self._restart_call = None
+        self._kill_call = None
+        self._quick_deaths = 0
+        self._spawn_pending = False
+
+    # -- configuration ------------------------------------------------------------------
+
+    def _spec_for(self, endpoint):
+        datagram_class = _is_datagram_server_class(self.target_object)
+        if isinstance(endpoint, socket.socket):
+            datagram = endpoint.type == socket.SOCK_DGRAM
+            spec = SocketSpec("udp" if datagram else "tcp", None, None)
+        elif isinstance(endpoint, str):
+            spec = parse_socket_endpoint(endpoint)
+            if spec is None:
+                raise ValueError(
+                    "endpoint %r cannot be pre-forked: only tcp:, tcp6: and udp: endpoints "
+                    "name a socket that can be bound here and handed to the workers" % endpoint
+                )
+        else:
+            host, port = endpoint[0], int(endpoint[1])
+            spec = SocketSpec("udp" if datagram_class else "tcp", host, port)
+        if _is_spoon_server_class(self.target_object) and spec.datagram != datagram_class:
+            raise ValueError(
+                "%s is a %s server but the endpoint is %s"
+                % (self.target, "UDP" if datagram_class else "TCP", spec.kind.upper())
+            )
+        return spec
+
+    @property
+    def reactor(self):
+        self._reactor = _global_reactor(self._reactor)
+        return self._reactor
+
+    @property
+    def pid(self):
+        """The supervisor's pid while it runs, else None."""
+        return self.process.pid if self.process is not None else None
+
+    def _bind(self):
+        if self.socket is None:
+            self.socket = bind_socket(self.spec, **_socket_options(self.target_object))
+            self.address = self.socket.getsockname()
+
+    def supervisor_args(self):
+        """The supervisor's command line (``python -m spoon.prefork ...``)."""
+        args = [self.python, "-m", "spoon.prefork", "--fd", str(CHILD_SOCKET_FD), "--target", self.target]
+        if self.workers is not None:
+            args += ["--workers", str(int(self.workers))]
+        if self.graceful_timeout is not None:
+            args += ["--graceful-timeout", str(self.graceful_timeout)]
+        if self.worker_timeout is not None:
+            args += ["--worker-timeout", str(self.worker_timeout)]
+        if self.spec.datagram:
+            args.append("--udp")
+        return args + self.extra_args
+
+    def _environment(self):
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        paths = self.python_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if paths:
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        return env
+
+    # -- IService -----------------------------------------------------------------------
+
+    def privilegedStartService(self):
+        """Bind now: twistd calls this before it drops privileges (port 783 as root)."""
+        self._bind()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        self._bind()
+        service.Service.startService(self)
+        self._stopping = False
+        self._quick_deaths = 0
+        self._spawn_pending = True
+        # Spawning needs a running reactor (child reaping); twistd calls startService just
+        # before reactor.run().
+        self.reactor.callWhenRunning(self._spawn)
+
+    def stopService(self):
+        """Stop the pool gracefully; the Deferred fires once every process is gone."""
+        service.Service.stopService(self)
+        self._stopping = True
+        self._spawn_pending = False
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        self._close_socket()
+        if self.process is None:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._stopped_deferreds.append(d)
+        self._signal(signal.SIGTERM)
+        grace = self.graceful_timeout
+        if grace is None:
+            grace = getattr(self.target_object, "graceful_timeout", 30)
+        if self._kill_call is None:
+            self._kill_call = self.reactor.callLater(float(grace) + self.stop_margin, self._kill_all)
+        return d
+
+    def _close_socket(self):
+        # The supervisor and workers hold their own copies of the descriptor.
+        if self.socket is not None and not isinstance(self._endpoint, socket.socket):
+            self.socket.close()
+            self.socket = None
+
+    # -- the supervisor process ---------------------------------------------------------
+
+    def _spawn(self):
+        if not self._spawn_pending or self._stopping or self.process is not None:
+            return
+        self._spawn_pending = False
+        self._restart_call = None
+        protocol = _SupervisorProtocol(self, self.log)
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self.process = self.reactor.spawnProcess(
+                protocol,
+                self.python,
+                self.supervisor_args(),
+                env=self._environment(),
+                childFDs={0: null, 1: "r", 2: "r", CHILD_SOCKET_FD: self.socket.fileno()},
+            )
+        finally:
+            os.close(null)
+        self._protocol = protocol
+        self.log.info(
+            "started supervisor pid {pid} for {target} on {kind} {address}",
+            pid=self.process.pid,
+            target=self.target,
+            kind=self.spec.kind,
+            address=self.address,
+        )
+
+    def _supervisor_ended(self, protocol, reason):
+        if protocol is not self._protocol:
+            return
+        pid = self.process.pid if self.process is not None else None
+        self.process = None
+        self._protocol = None
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = "killed by signal %s" % sig if sig else "exited with status %s" % code
+        if self._stopping:
+            if self._kill_call is not None and self._kill_call.active():
+                self._kill_call.cancel()
+            self._kill_call = None
+            self.log.info("supervisor pid {pid} {how}: pool stopped", pid=pid, how=how)
+            deferreds, self._stopped_deferreds = self._stopped_deferreds, []
+            for d in deferreds:
+                d.callback(None)
+            return
+        ran = self.reactor.seconds() - protocol.started_at
+        if ran >= self.stable_after:
+            self._quick_deaths = 0
+        low, high = self.restart_delay
+        delay = min(high, low * (2 ** self._quick_deaths))
+        self._quick_deaths += 1
+        self.log.warn(
+            "supervisor pid {pid} {how} after {ran:.1f}s; starting a new one in {delay:.1f}s",
+            pid=pid,
+            how=how,
+            ran=ran,
+            delay=delay,
+        )
+        self._spawn_pending = True
+        self._restart_call = self.reactor.callLater(delay, self._spawn)
+
+    def _kill_all(self):
+        """The graceful stop took too long: kill the supervisor and everything below it."""
+        self._kill_call = None
+        if self.process is None:
+            return
+        pid = self.process.pid
+        victims = _descendants(pid)
+        self.log.warn(
+            "pool did not stop in time: killing supervisor {pid} and {n} process(es) below it",
+            pid=pid,
+            n=len(victims),
+        )
+        for victim in [pid] + victims:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except OSError:
+                pass
+
+    # -- signals relayed to the supervisor ----------------------------------------------
+
+    def _signal(self, signum):
+        if self.process is None:
+            return False
+        try:
+            self.process.signalProcess(int(signum))
+        except Exception:  # ProcessExitedAlready, or it went away meanwhile
+            return False
+        return True
+
+    def reload(self):
+        """``load_config()`` in every worker (SIGUSR1 to the supervisor)."""
+        return self._signal(signal.SIGUSR1)
+
+    def restart_workers(self):
+        """Rolling restart: reload in the supervisor, then fresh workers one by one (HUP)."""
+        return self._signal(signal.SIGHUP)
+
+    def add_worker(self):
+        """One worker more (TTIN)."""
+        return self._signal(signal.SIGTTIN)
+
+    def remove_worker(self):
+        """One worker less, never fewer than one (TTOU)."""
+        return self._signal(signal.SIGTTOU)
+
+    def stop_now(self):
+        """Fast stop (SIGINT): workers close their connections at once."""
+        self._stopping = True
+        return self._signal(signal.SIGINT)
+
+
+# -- serving in this reactor ----------------------------------------------------------------
+
+
+def _accepts_bind_and_activate(klass):
+    try:
+        parameters = inspect.signature(klass.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "bind_and_activate" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+_HANDLED_BY_SERVERS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+def build_server(klass, address):
+    """Construct ``klass`` without binding its address and without letting it take over
+    signal handlers: the service listens for it, and the host program (twistd) owns the
+    signals.
+
+    ``Klass(address, bind_and_activate=False)`` when the constructor accepts it; otherwise
+    the server adopts a placeholder socket through :func:`spoon.server.using_socket`.
+    """
+    from spoon.server import using_socket
+
+    saved = {signum: signal.getsignal(signum) for signum in _HANDLED_BY_SERVERS}
+    try:
+        if _accepts_bind_and_activate(klass):
+            return klass(address, bind_and_activate=False)
+        family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
+        socktype = socket.SOCK_DGRAM if _is_datagram_server_class(klass) else socket.SOCK_STREAM
+        placeholder = socket.socket(family, socktype)
+        try:
+            with using_socket(placeholder):
+                server = klass(address)
+        finally:
+            placeholder.close()
+        server.socket = None
+        return server
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None and signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
+
+
+class ServeService(service.Service):
+    """Serve a spoon ``server`` in this process's reactor on ``endpoints`` (Twisted endpoint
+    strings: "tcp:", "tcp6:" and "udp:" are bound like the server class would bind them;
+    any other stream endpoint goes through ``serverFromString``).
+
+    ``stopService`` stops listening, lets in-flight handlers finish for at most
+    ``graceful_timeout`` seconds (default: the server's), then closes what is left.
+    """
+
+    def __init__(self, server, endpoints, reactor=None, graceful_timeout=None):
+        self.server = server
+        self.endpoints = list(endpoints)
+        self._reactor = reactor
+        self.graceful_timeout = graceful_timeout
+        self.datagram = _is_datagram_server_class(type(server))
+        self.log = Logger(namespace="spoon.serve")
+        self.ports = []
+        self.protocols = []
+        self.factory = None
+        self._listening = False
+        for description in self.endpoints:
+            spec = parse_socket_endpoint(description)
+            if self.datagram and (spec is None or not spec.datagram):
+                raise ValueError("%s is a UDP server: %r is not a udp: endpoint" % (type(server).__name__, description))
+            if not self.datagram and spec is not None and spec.datagram:
+                raise ValueError("%s is a TCP server: %r is a udp: endpoint" % (type(server).__name__, description))
+
+    @property
+    def reactor(self):
+        self._reactor = _global_reactor(self._reactor)
+        return self._reactor
+
+    def privilegedStartService(self):
+        """Listen now: twistd calls this before it drops privileges."""
+        self._listen()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        self._listen()
+        service.Service.startService(self)
+
+    def _listen(self):
+        if self._listening:
+            return
+        self._listening = True
+        reactor = self.reactor
+        options = _socket_options(type(self.server))
+        if not self.datagram:
+            self.factory = self.server.protocol_factory(reactor)
+        try:
+            for description in self.endpoints:
+                spec = parse_socket_endpoint(description)
+                if spec is None:
+                    self.ports.append(self._listen_endpoint(description))
+                    continue
+                sock = bind_socket(spec, **options)
+                try:
+                    if spec.datagram:
+                        protocol = self.server.protocol_factory(reactor)
+                        self.protocols.append(protocol)
+                        port = reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol)
+                    else:
+                        port = reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+                finally:
+                    sock.close()  # the reactor holds its own duplicate
+                self.ports.append(port)
+                self.log.info("{server} listening on {kind} {address}", server=type(self.server).__name__, kind=spec.kind, address=port.getHost())
+        except BaseException:
+            self._stop_listening()
+            self._listening = False
+            raise
+
+    def _listen_endpoint(self, description):
+        from twisted.internet.endpoints import serverFromString
+
+        endpoint = serverFromString(self.reactor, description)
+        result = []
+        endpoint.listen(self.factory).addBoth(result.append)
+        if not result:
+            raise RuntimeError("endpoint %r did not start listening at once" % description)
+        if isinstance(result[0], BaseException) or hasattr(result[0], "raiseException"):
+            result[0].raiseException()
+        self.log.info("{server} listening on {address}", server=type(self.server).__name__, address=result[0].getHost())
+        return result[0]
+
+    def _stop_listening(self):
+        ports, self.ports = self.ports, []
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
+        )
+
+    def stopService(self):
+        """Graceful stop: the Deferred fires when no handler is left running."""
+        service.Service.stopService(self)
+        self._listening = False
+        stopped = self._stop_listening()
+        grace = self.graceful_timeout
+        if grace is None:
+            grace = getattr(self.server, "graceful_timeout", 30)
+        trackers = [t for t in [self.factory] + self.protocols if t is not None]
+        done = defer.Deferred()
+        remaining = [len(trackers)]
+
+        def one_idle():
+            remaining[0] -= 1
+            if remaining[0] == 0 and not done.called:
+                if timer.active():
+                    timer.cancel()
+                done.callback(None)
+
+        def too_late():
+            open_now = sum(len(getattr(t, "connections", ())) for t in trackers)
+            self.log.warn("graceful stop: closing {n} connection(s) still open after {grace}s", n=open_now, grace=grace)
+            for tracker in trackers:
+                tracker.abort_all()
+            # Let the aborts reach the sockets before reporting the service stopped.
+            self.reactor.callLater(0, lambda: done.called or done.callback(None))
+
+        timer = self.reactor.callLater(float(grace), too_late)
+        open_now = sum(len(getattr(t, "connections", ())) for t in trackers)
+        if open_now:
+            self.log.info("graceful stop: waiting for {n} connection(s), at most {grace}s", n=open_now, grace=grace)
+        if not trackers:
+            remaining[0] = 1
+            one_idle()
+        for tracker in trackers:
+            tracker.when_idle(one_idle)
+        return defer.gatherResults([stopped, done], consumeErrors=True).addCallback(lambda _: None)
+
+    def reload(self):
+        """Run the server's reload handler (``load_config()``) in the reactor thread."""
+        handler = getattr(self.server, "reload_handler", None)
+        signum = getattr(self.server, "signal_reload", None) or signal.SIGUSR1
+        if handler is not None:
+            handler(signum, None)
+        else:
+            self.server.load_config()

@@ -1,0 +1,264 @@
+"""Unit tests of spoon.service: endpoint parsing, binding, dotted paths, the supervisor
+life cycle driven by a MemoryReactorClock, and the line relay.  No process is started."""
+
+import signal
+import socket
+
+import pytest
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from spoon.service import (
+    PreforkService,
+    TargetError,
+    bind_socket,
+    parse_socket_endpoint,
+    resolve,
+)
+
+
+# -- endpoint strings -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("tcp:8080", ("tcp", "0.0.0.0", 8080, None)),
+        ("tcp:port=8080:interface=127.0.0.1", ("tcp", "127.0.0.1", 8080, None)),
+        ("tcp:0:interface=\\:\\:1:backlog=7", ("tcp", "::1", 0, 7)),
+        ("tcp6:8080", ("tcp", "::", 8080, None)),
+        ("tcp6:8080:\\:\\:1", ("tcp", "::1", 8080, None)),
+        ("udp:53:interface=127.0.0.1", ("udp", "127.0.0.1", 53, None)),
+        ("8080", ("tcp", "0.0.0.0", 8080, None)),
+    ],
+)
+def test_parse_socket_endpoints(description, expected):
+    spec = parse_socket_endpoint(description)
+    assert (spec.kind, spec.host, spec.port, spec.backlog) == expected
+
+
+@pytest.mark.parametrize("description", ["unix:/tmp/x.sock", "ssl:443", "systemd:domain=INET:index=0"])
+def test_other_endpoints_are_not_socket_endpoints(description):
+    assert parse_socket_endpoint(description) is None
+
+
+@pytest.mark.parametrize("description", ["tcp:http", "tcp:80:bogus=1", "tcp:", "tcp:80:backlog=x"])
+def test_malformed_socket_endpoints_are_rejected(description):
+    with pytest.raises(ValueError, match="endpoint"):
+        parse_socket_endpoint(description)
+
+
+def test_bind_dual_stack_serves_ipv4_and_ipv6():
+    sock = bind_socket(parse_socket_endpoint("tcp:0:interface=\\:\\:"))
+    try:
+        assert sock.family == socket.AF_INET6
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        port = sock.getsockname()[1]
+        for host in ("127.0.0.1", "::1"):
+            client = socket.create_connection((host, port), timeout=5)
+            client.close()
+    finally:
+        sock.close()
+
+
+def test_bind_ipv6_only_and_busy_port_message():
+    sock = bind_socket(parse_socket_endpoint("tcp:0:interface=\\:\\:1"), ipv6_only=True)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        busy = parse_socket_endpoint("tcp:%d:interface=\\:\\:1" % sock.getsockname()[1])
+        with pytest.raises(OSError, match=r"cannot bind tcp \[::1\]:%d" % busy.port):
+            bind_socket(busy, reuse_address=False)
+    finally:
+        sock.close()
+
+
+def test_bind_udp():
+    sock = bind_socket(parse_socket_endpoint("udp:0:interface=127.0.0.1"))
+    try:
+        assert sock.type == socket.SOCK_DGRAM
+    finally:
+        sock.close()
+
+
+# -- dotted paths ---------------------------------------------------------------------------
+
+
+def test_resolve_names_the_path_in_errors():
+    assert resolve("spoon.examples.EchoServer").__name__ == "EchoServer"
+    with pytest.raises(TargetError, match="'no_such_module_x.Server'"):
+        resolve("no_such_module_x.Server")
+    with pytest.raises(TargetError, match="'spoon.examples.Nope'.*no attribute 'Nope'"):
+        resolve("spoon.examples.Nope")
+    with pytest.raises(TargetError, match="not a dotted path"):
+        resolve("EchoServer")
+
+
+def test_prefork_service_rejects_non_server_classes_and_wrong_endpoints():
+    with pytest.raises(TargetError, match="not a spoon server class"):
+        PreforkService("socket.socket")
+    with pytest.raises(ValueError, match="cannot be pre-forked"):
+        PreforkService("spoon.examples.EchoServer", "unix:/tmp/x.sock")
+    with pytest.raises(ValueError, match="TCP server but the endpoint is UDP"):
+        PreforkService("spoon.examples.EchoServer", "udp:0")
+
+
+# -- the supervisor's life cycle on a fake reactor ------------------------------------------
+
+
+class _Process:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """MemoryReactorClock that records spawnProcess calls (it has no IReactorProcess)."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.running = True
+
+    def callWhenRunning(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+    def spawnProcess(self, protocol, executable, args=(), env=None, path=None, uid=None, gid=None, usePTY=0, childFDs=None):
+        process = _Process(1000 + len(self.spawned))
+        self.spawned.append((protocol, executable, list(args), env, dict(childFDs)))
+        protocol.makeConnection(process)
+        return process
+
+
+@pytest.fixture
+def events():
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def _text(event):
+    from twisted.logger import formatEvent
+
+    return formatEvent(event)
+
+
+def test_spawns_supervisor_with_the_bound_socket_and_options(events):
+    reactor = ProcessReactor()
+    svc = PreforkService(
+        "spoon.examples.EchoServer", "tcp:0:interface=127.0.0.1", workers=3,
+        graceful_timeout=7, worker_timeout=9, reactor=reactor,
+    )
+    svc.privilegedStartService()
+    try:
+        assert svc.address[0] == "127.0.0.1" and svc.address[1] > 0
+        svc.startService()
+        protocol, executable, args, env, fds = reactor.spawned[0]
+        assert args[1:] == [
+            "-m", "spoon.prefork", "--fd", "3", "--target", "spoon.examples.EchoServer",
+            "--workers", "3", "--graceful-timeout", "7", "--worker-timeout", "9",
+        ]
+        assert fds[3] == svc.socket.fileno() and fds[1] == "r" and fds[2] == "r"
+        assert svc.pid == 1000
+        # Output lines become one log event each, partial lines wait for their end.
+        protocol.childDataReceived(2, b"[1001] worker: hel")
+        protocol.childDataReceived(2, b"lo\n[1002] second\n\n")
+        lines = [_text(e) for e in events if e.get("log_system") == "spoon.pool" and "[100" in _text(e)]
+        assert lines == ["[1001] worker: hello", "[1002] second"]
+    finally:
+        svc.stopService()
+
+
+def test_unexpected_exit_restarts_with_back_off(events):
+    reactor = ProcessReactor()
+    svc = PreforkService("spoon.examples.EchoServer", reactor=reactor, restart_delay=(0.5, 3.0))
+    svc.startService()
+    delays = []
+    for _ in range(5):
+        protocol = reactor.spawned[-1][0]
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        assert svc.pid is None
+        pending = [c for c in reactor.getDelayedCalls() if c.active()]
+        assert len(pending) == 1
+        delays.append(pending[0].getTime() - reactor.seconds())
+        reactor.advance(delays[-1])
+        assert svc.pid is not None
+    assert delays == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert len(reactor.spawned) == 6
+    assert any("starting a new one in 3.0s" in _text(e) for e in events)
+    # A supervisor that ran long enough resets the back-off.
+    reactor.advance(svc.stable_after)
+    reactor.spawned[-1][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+    pending = [c for c in reactor.getDelayedCalls() if c.active()]
+    assert pending[0].getTime() - reactor.seconds() == 0.5
+    svc.stopService()
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+def test_stop_sends_term_and_fires_when_the_supervisor_is_gone():
+    reactor = ProcessReactor()
+    svc = PreforkService("spoon.examples.EchoServer", graceful_timeout=4, reactor=reactor)
+    svc.startService()
+    process = svc.process
+    d = svc.stopService()
+    assert process.signals == [signal.SIGTERM]
+    assert svc.socket is None  # our copy is closed at once; the pool holds its own
+    fired = []
+    d.addCallback(fired.append)
+    assert not fired
+    reactor.spawned[0][0].processEnded(Failure(ProcessDone(0)))
+    assert fired == [None]
+    assert len(reactor.spawned) == 1  # not restarted
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+
+
+def test_relayed_signals():
+    reactor = ProcessReactor()
+    svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
+    assert svc.reload() is False  # nothing to signal yet
+    svc.startService()
+    svc.reload()
+    svc.restart_workers()
+    svc.add_worker()
+    svc.remove_worker()
+    assert svc.process.signals == [signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU]
+    svc.stopService()
+
+
+def test_stop_before_spawn_and_during_back_off():
+    reactor = ProcessReactor()
+    svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
+    svc.startService()
+    reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=3)))
+    fired = []
+    svc.stopService().addCallback(fired.append)
+    assert fired == [None]
+    reactor.advance(60)
+    assert len(reactor.spawned) == 1
+
+
+def test_import_root_is_passed_to_the_supervisor(tmp_path, monkeypatch):
+    package = tmp_path / "pkg_for_root_test"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "apps.py").write_text("import spoon.server\nclass S(spoon.server.TCPSpork):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    svc = PreforkService("pkg_for_root_test.apps.S", reactor=ProcessReactor())
+    assert svc.python_path == [str(tmp_path)]
+    assert svc._environment()["PYTHONPATH"].split(":")[0] == str(tmp_path)
+
+
+def test_main_module_targets_are_refused():
+    import __main__
+
+    __main__.SpoonTestServer = type("SpoonTestServer", (object,), {"__module__": "__main__"})
+    try:
+        with pytest.raises(TargetError, match="__main__"):
+            PreforkService("__main__.SpoonTestServer")
+    finally:
+        del __main__.SpoonTestServer
