@@ -1,0 +1,530 @@
+"""Functional tests of ``python -m spoon.daemon``: real daemons, pid files, signals, logs.
+
+Every daemon started here carries a unique token in its environment; the ``daemon``
+fixture kills (SIGKILL, by pid) every process holding that token when the test ends, and
+also the pid named by each pid file, so nothing is left behind even when a test fails
+half-way.  All waits are bounded polls.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from support import ROOT, pid_alive, request, wait_for
+
+PROBE_MODULE = '''
+"""A server whose answers show what the daemon did: its config generation and pid."""
+import os
+
+import spoon.server
+from twisted.logger import Logger
+
+_twisted_log = Logger(namespace="probe.twisted")
+
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        line = self.rfile.readline().decode()
+        word = line.strip()
+        self.server.log.info("handled %r", word)
+        _twisted_log.info("twisted saw {word}", word=word)
+        if word == "gen":
+            answer = "%d %d" % (self.server.generation, os.getpid())
+        elif word == "prefork":
+            answer = str(getattr(self.server, "prefork", None))
+        elif word == "hold":
+            # Keep this connection in flight until the client closes it (or the graceful
+            # stop times out).
+            self.rfile.readline()
+            answer = "released"
+        else:
+            answer = line.lower()
+        self.wfile.write(answer.encode() + b"\\n")
+
+
+class ProbeServer(spoon.server.TCPSpoon):
+    server_logger = "probe-server"
+    handler_klass = Handler
+    graceful_timeout = 3
+    generation = 0
+    command_line_defaults = dict(
+        spoon.server.TCPSpoon.command_line_defaults, port=0, interface="127.0.0.1"
+    )
+
+    def __init__(self, address):
+        super().__init__(address)
+        # Tell the test the port (bound to 0) before the daemon detaches.
+        target = os.environ["PROBE_PORT_FILE"]
+        with open(target + ".tmp", "w") as f:
+            f.write("%d\\n" % self.server_address[1])
+        os.replace(target + ".tmp", target)
+
+    def load_config(self):
+        self.generation += 1
+
+
+class ProbeSpork(ProbeServer, spoon.server.TCPSpork):
+    prefork = 2
+
+
+class NotAServer:
+    pass
+'''
+
+
+def _processes_with_token(token):
+    """Pids whose environment holds ``token`` (any process this test started)."""
+    needle = ("SPOON_TEST_TOKEN=%s" % token).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class Daemons:
+    """Runs ``python -m spoon.daemon`` in a scratch directory with the probe module."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        (tmp_path / "probe_servers.py").write_text(PROBE_MODULE)
+        self.token = uuid.uuid4().hex
+        self.pid_file = str(tmp_path / "probe.pid")
+        self.port_file = str(tmp_path / "probe.port")
+        self.log_file = str(tmp_path / "probe.log")
+        self.pid_files = [self.pid_file]
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
+            PROBE_PORT_FILE=self.port_file,
+            SPOON_TEST_TOKEN=self.token,
+            PYTHONUNBUFFERED="1",
+        )
+
+    def run(self, *args, timeout=60, klass="probe_servers.ProbeServer"):
+        """Run the command line to completion (bounded); return the CompletedProcess."""
+        return subprocess.run(
+            [sys.executable, "-m", "spoon.daemon", klass, *args],
+            cwd=str(self.dir),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *extra, klass="probe_servers.ProbeServer"):
+        for path in (self.port_file,):
+            if os.path.exists(path):
+                os.unlink(path)
+        result = self.run("start", "-p", self.pid_file, *extra, klass=klass)
+        assert result.returncode == 0, result.stderr
+        return self.pid(), self.port()
+
+    def pid(self, path=None):
+        with open(path or self.pid_file) as f:
+            return int(f.read())
+
+    def port(self):
+        with open(self.port_file) as f:
+            return int(f.read())
+
+    def ask(self, port, word, timeout=10.0):
+        return request(("127.0.0.1", port), word.encode() + b"\n", timeout=timeout).decode()
+
+    def kill_all(self):
+        pids = set(_processes_with_token(self.token))
+        for path in self.pid_files:
+            try:
+                pids.add(self.pid(path))
+            except (OSError, ValueError):
+                pass
+        for pid in pids:
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in pids:
+            wait_for(lambda: not pid_alive(pid), timeout=10, what="pid %d to die" % pid)
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path)
+    yield d
+    d.kill_all()
+    assert not [p for p in _processes_with_token(d.token) if pid_alive(p)]
+
+
+def _log_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
+
+
+def _lines_matching(path, name, text):
+    """(pid, message) of the log lines from logger ``name`` containing ``text``."""
+    found = []
+    for line in _log_lines(path):
+        match = LINE.match(line)
+        if match and match.group(2) == name and text in match.group(4):
+            found.append((int(match.group(1)), match.group(4)))
+    return found
+
+
+# -- start / reload / stop ---------------------------------------------------------------------
+
+
+def test_start_serve_reload_stop(daemons):
+    started = time.monotonic()
+    pid, port = daemons.start("-L", daemons.log_file)
+    assert time.monotonic() - started < 30
+    # The command returned after the pid file was written, by a daemon that is not a child
+    # of ours, in its own session, not a session leader, in "/", streams on /dev/null.
+    assert pid_alive(pid)
+    assert os.getsid(pid) not in (pid, os.getsid(0))
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"
+    for fd in (0, 1, 2):
+        assert os.readlink("/proc/%d/fd/%d" % (pid, fd)) == "/dev/null"
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, own_nice + 10)
+    assert oct(os.stat(daemons.pid_file).st_mode & 0o777) == "0o644"
+    assert daemons.ask(port, "HeLLo") == "hello\n\n"
+    assert daemons.ask(port, "gen") == "1 %d\n" % pid
+
+    result = daemons.run("reload", "-p", daemons.pid_file)
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: daemons.ask(port, "gen") == "2 %d\n" % pid, timeout=15, what="reload")
+
+    result = daemons.run("stop", "-p", daemons.pid_file)
+    assert result.returncode == 0, result.stderr
+    # stop waits for the process to exit, and the process removed its pid file.
+    assert not pid_alive(pid)
+    assert not os.path.exists(daemons.pid_file)
+    with pytest.raises(OSError):
+        daemons.ask(port, "gen", timeout=2)
+    # No temporary pid files left behind.
+    assert [name for name in os.listdir(daemons.dir) if ".pid" in name] == []
+
+    # One log: server records and Twisted's events, each line with the daemon's pid.
+    assert _lines_matching(daemons.log_file, "probe-server", "Starting probe_servers.ProbeServer")
+    assert [p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled 'gen'")] == [
+        pid,
+        pid,
+    ]
+    assert [p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw gen")] == [
+        pid,
+        pid,
+    ]
+    assert _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
+    assert _lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
+    for line in _log_lines(daemons.log_file):
+        assert LINE.match(line), line
+
+
+def test_restart_waits_for_the_old_process(daemons):
+    old_pid, old_port = daemons.start()
+    # A connection in flight keeps the old process draining for graceful_timeout (3 s).
+    held = socket.create_connection(("127.0.0.1", old_port), timeout=20)
+    try:
+        held.sendall(b"hold\n")
+        wait_for(
+            lambda: daemons.ask(old_port, "gen") == "1 %d\n" % old_pid, what="old server"
+        )
+        os.unlink(daemons.port_file)
+        result = daemons.run("restart", "-p", daemons.pid_file)
+        assert result.returncode == 0, result.stderr
+        # restart returned only after the old process was gone...
+        assert not pid_alive(old_pid)
+        # ...which closed the held connection on its way out.
+        held.settimeout(10)
+        try:
+            assert held.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        held.close()
+    new_pid = daemons.pid()
+    assert new_pid != old_pid and pid_alive(new_pid)
+    assert daemons.ask(daemons.port(), "gen") == "1 %d\n" % new_pid
+    assert "exited" in result.stderr
+
+
+def test_restart_when_not_running_starts(daemons):
+    result = daemons.run("restart", "-p", daemons.pid_file)
+    assert result.returncode == 0, result.stderr
+    pid = daemons.pid()
+    assert daemons.ask(daemons.port(), "gen") == "1 %d\n" % pid
+
+
+def test_start_refuses_a_live_pid_file(daemons):
+    pid, port = daemons.start()
+    os.unlink(daemons.port_file)
+    result = daemons.run("start", "-p", daemons.pid_file)
+    assert result.returncode == 1
+    assert "already running" in result.stderr and str(pid) in result.stderr
+    # Nothing was constructed (no port file) and the pid file still names the first daemon.
+    assert not os.path.exists(daemons.port_file)
+    assert daemons.pid() == pid
+    assert daemons.ask(port, "gen") == "1 %d\n" % pid
+
+
+def test_start_removes_a_stale_pid_file(daemons):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    with open(daemons.pid_file, "w") as f:
+        f.write("%d\n" % dead.pid)
+    pid, port = daemons.start("-L", daemons.log_file)
+    assert pid != dead.pid
+    assert daemons.ask(port, "gen") == "1 %d\n" % pid
+    assert _lines_matching(daemons.log_file, "spoon.daemon", "Removing stale pid file")
+
+
+def test_unwritable_pid_file_location_fails_before_forking(daemons):
+    missing = str(daemons.dir / "no-such-dir" / "probe.pid")
+    result = daemons.run("start", "-p", missing)
+    assert result.returncode == 1
+    assert "cannot write the pid file %s" % missing in result.stderr
+    # The server was never built (it would have written the port file), nothing runs.
+    assert not os.path.exists(daemons.port_file)
+    assert _processes_with_token(daemons.token) == []
+
+
+def test_pid_file_that_is_not_a_pid_is_left_alone(daemons):
+    with open(daemons.pid_file, "w") as f:
+        f.write("precious data\n")
+    result = daemons.run("start", "-p", daemons.pid_file)
+    assert result.returncode == 1
+    assert "does not hold a pid" in result.stderr
+    with open(daemons.pid_file) as f:
+        assert f.read() == "precious data\n"
+
+
+def test_log_file_survives_logrotate_move_and_create(daemons):
+    pid, port = daemons.start("-L", daemons.log_file)
+    assert daemons.ask(port, "before") == "before\n\n"
+    wait_for(lambda: _lines_matching(daemons.log_file, "probe-server", "handled 'before'"))
+    rotated = daemons.log_file + ".1"
+    os.rename(daemons.log_file, rotated)
+    assert daemons.ask(port, "after") == "after\n\n"
+    # The daemon noticed the move and created a new file at the same path.
+    wait_for(lambda: os.path.exists(daemons.log_file), what="a new log file")
+    assert _lines_matching(daemons.log_file, "probe-server", "handled 'after'") == [
+        (pid, "handled 'after'")
+    ]
+    assert _lines_matching(daemons.log_file, "twisted", "twisted saw after") == [
+        (pid, "twisted saw after")
+    ]
+    assert not _lines_matching(rotated, "probe-server", "handled 'after'")
+    assert daemons.run("reload", "-p", daemons.pid_file).returncode == 0
+    wait_for(lambda: _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received"))
+
+
+def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spoon.daemon", "probe_servers.ProbeServer", "start", "-D",
+         "-p", daemons.pid_file, "-n", "0"],
+        cwd=str(daemons.dir),
+        env=daemons.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: os.path.exists(daemons.port_file) and os.path.exists(daemons.pid_file),
+                 timeout=30, what="the foreground server")
+        assert daemons.pid() == proc.pid
+        assert daemons.ask(daemons.port(), "gen") == "1 %d\n" % proc.pid
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    assert not os.path.exists(daemons.pid_file)
+    lines = err.decode().splitlines()
+    assert any(
+        LINE.match(line) and "[%d] probe-server INFO: handled 'gen'" % proc.pid in line
+        for line in lines
+    ), err
+    assert any("[%d] twisted INFO: twisted saw gen" % proc.pid in line for line in lines), err
+
+
+# -- the Spork class default (the original crashed on int(None)) ------------------------------
+
+
+def test_start_without_spork_keeps_the_class_prefork(daemons):
+    pid, port = daemons.start(klass="probe_servers.ProbeSpork")
+    assert daemons.ask(port, "prefork") == "2\n"
+    assert daemons.run("stop", "-p", daemons.pid_file, klass="probe_servers.ProbeSpork").returncode == 0
+    assert not pid_alive(pid)
+
+
+def test_spork_option_sets_prefork(daemons):
+    pid, port = daemons.start("-s", "3", klass="probe_servers.ProbeSpork")
+    assert daemons.ask(port, "prefork") == "3\n"
+
+
+# -- errors: clear messages, non-zero status, nothing started ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "klass, message",
+    [
+        ("no_such_module.Server", "cannot import no_such_module for no_such_module.Server"),
+        ("probe_servers.Missing", "module probe_servers has no attribute 'Missing'"),
+        ("probe_servers.NotAServer", "probe_servers.NotAServer is not a spoon server class"),
+        ("ProbeServer", "'ProbeServer' is not a dotted path"),
+    ],
+)
+def test_bad_server_class(daemons, klass, message):
+    result = daemons.run("start", "-p", daemons.pid_file, klass=klass)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not os.path.exists(daemons.pid_file)
+
+
+def test_busy_port(daemons):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = daemons.run("start", "-p", daemons.pid_file, "-P", str(port))
+    assert result.returncode == 1
+    assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
+    assert "Address already in use" in result.stderr
+    assert not os.path.exists(daemons.pid_file)
+    assert _processes_with_token(daemons.token) == []
+
+
+def test_spork_count_on_a_spoon_is_refused(daemons):
+    result = daemons.run("start", "-p", daemons.pid_file, "-s", "3")
+    assert result.returncode == 2
+    assert "needs a Spork class" in result.stderr
+
+
+def test_daemon_needs_a_pid_file(daemons):
+    result = daemons.run("start")
+    assert result.returncode == 2
+    assert "needs a pid file" in result.stderr
+
+
+def test_sentry_missing_is_said_clearly(daemons):
+    # Hide sentry-sdk, installed or not, behind a package that fails to import.
+    blocker = daemons.dir / "blocker" / "sentry_sdk"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('hidden for the test')\n")
+    daemons.env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), daemons.env["PYTHONPATH"]])
+    result = daemons.run("start", "-p", daemons.pid_file, "-S", "http://key@127.0.0.1:9/1")
+    assert result.returncode == 2
+    assert "sentry-sdk is not installed" in result.stderr
+    assert "spoon[sentry]" in result.stderr
+    assert not os.path.exists(daemons.port_file)
+
+
+def test_stop_and_reload_without_a_daemon(daemons):
+    stop = daemons.run("stop", "-p", daemons.pid_file)
+    assert stop.returncode == 0
+    assert "No pid file available: %s" % daemons.pid_file in stop.stderr
+    reload = daemons.run("reload", "-p", daemons.pid_file)
+    assert reload.returncode == 1
+    assert "No pid file available" in reload.stderr
+
+
+def test_console_script_has_the_same_arguments():
+    script = os.path.join(os.path.dirname(sys.executable), "spoon")
+    if not os.path.exists(script):
+        pytest.skip("the spoon console script is not installed in this environment")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--spork", "--pid-file", "--port", "--interface", "--nice", "--debug",
+                 "--info", "--log-file", "--sentry-dsn", "--no-daemon",
+                 "{start,stop,reload,restart}"):
+        assert flag in result.stdout
+    assert result.stdout.startswith("usage: spoon ")
+
+
+# -- the library functions of the original README ----------------------------------------------
+
+LIBRARY_USE = """
+import sys
+import spoon.daemon
+import probe_servers
+
+server = probe_servers.ProbeServer(("127.0.0.1", 0))
+spoon.daemon.run_daemon(server, sys.argv[1])
+"""
+
+
+def test_run_daemon_and_send_action_from_code(daemons):
+    script = daemons.dir / "run_it.py"
+    script.write_text(LIBRARY_USE)
+    result = subprocess.run(
+        [sys.executable, str(script), "probe.pid"],  # relative: taken before chdir("/")
+        cwd=str(daemons.dir), env=daemons.env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr
+    import spoon.daemon
+
+    pid = daemons.pid()
+    port = daemons.port()
+    assert daemons.ask(port, "gen") == "1 %d\n" % pid
+    assert spoon.daemon.send_action("reload", daemons.pid_file) == pid
+    wait_for(lambda: daemons.ask(port, "gen") == "2 %d\n" % pid, timeout=15, what="reload")
+    assert spoon.daemon.send_action("stop", daemons.pid_file) == pid
+    assert spoon.daemon.wait_for_exit(pid, 30)
+    wait_for(lambda: not os.path.exists(daemons.pid_file), what="pid file removal")
+
+
+FAILING = """
+import sys
+import spoon.daemon
+import probe_servers
+
+class Broken(probe_servers.ProbeServer):
+    def serve_forever(self, poll_interval=0.1):
+        with open(sys.argv[1]) as f:
+            print("PIDFILE", f.read().strip(), flush=True)
+        raise RuntimeError("boom")
+
+spoon.daemon.run_daemon(Broken(("127.0.0.1", 0)), sys.argv[1], daemonize=False)
+"""
+
+
+def test_run_daemon_removes_the_pid_file_on_an_error(daemons):
+    script = daemons.dir / "failing.py"
+    script.write_text(FAILING)
+    result = subprocess.run(
+        [sys.executable, str(script), daemons.pid_file],
+        cwd=str(daemons.dir), env=daemons.env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    assert "RuntimeError: boom" in result.stderr
+    pid_line = [line for line in result.stdout.splitlines() if line.startswith("PIDFILE")]
+    assert pid_line and int(pid_line[0].split()[1]) > 0
+    assert not os.path.exists(daemons.pid_file)
