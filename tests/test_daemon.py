@@ -9,10 +9,11 @@ half-way.  All waits are bounded polls.
 import os
 import re
 import signal
+import http.server
 import socket
 import subprocess
 import sys
-import textwrap
+import threading
 import time
 import uuid
 
@@ -38,6 +39,9 @@ class Handler(spoon.server.Gulp):
         _twisted_log.info("twisted saw {word}", word=word)
         if word == "gen":
             answer = "%d %d" % (self.server.generation, os.getpid())
+        elif word == "warn":
+            self.server.log.warning("probe warning from %d", os.getpid())
+            answer = "warned"
         elif word == "prefork":
             answer = str(getattr(self.server, "prefork", None))
         elif word == "hold":
@@ -528,3 +532,51 @@ def test_run_daemon_removes_the_pid_file_on_an_error(daemons):
     pid_line = [line for line in result.stdout.splitlines() if line.startswith("PIDFILE")]
     assert pid_line and int(pid_line[0].split()[1]) > 0
     assert not os.path.exists(daemons.pid_file)
+
+
+def test_unwritable_log_file_fails_before_forking(daemons):
+    missing = str(daemons.dir / "no-such-dir" / "probe.log")
+    result = daemons.run("start", "-p", daemons.pid_file, "-L", missing)
+    assert result.returncode == 1
+    assert missing in result.stderr and "No such file or directory" in result.stderr
+    assert not os.path.exists(daemons.pid_file)
+    assert _processes_with_token(daemons.token) == []
+
+
+def test_sentry_dsn_reports_from_the_daemon(daemons):
+    """-S with sentry-sdk installed: a warning logged by the detached daemon reaches the
+    DSN's server (a real HTTP server on 127.0.0.1 recording what it is sent)."""
+    pytest.importorskip("sentry_sdk")
+    received = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.headers.get("Content-Encoding") == "gzip":
+                import gzip
+
+                body = gzip.decompress(body)
+            received.append(body)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        dsn = "http://publickey@127.0.0.1:%d/3" % collector.server_address[1]
+        pid, port = daemons.start("-S", dsn)
+        assert daemons.ask(port, "warn") == "warned\n"
+        wait_for(
+            lambda: any(b"probe warning from %d" % pid in body for body in received),
+            timeout=30,
+            what="the warning at the Sentry server",
+        )
+    finally:
+        collector.shutdown()
+        thread.join(timeout=10)
+        collector.server_close()
