@@ -163,10 +163,12 @@ class GulpProtocol(Protocol):
         klass = factory.handler_klass
         self._high_water = getattr(klass, "read_high_water", DEFAULT_READ_HIGH_WATER)
         self._max_line = getattr(klass, "max_line_length", DEFAULT_MAX_LINE_LENGTH)
-        peer = self.transport.getPeer()
-        addr = (peer.host, peer.port)
-        if getattr(peer, "flowInfo", None) is not None:
-            addr = (peer.host, peer.port, peer.flowInfo, peer.scopeID)
+        addr = getattr(self.transport, "peer_tuple", None)
+        if addr is None:
+            peer = self.transport.getPeer()
+            addr = (peer.host, peer.port)
+            if getattr(peer, "flowInfo", None) is not None:
+                addr = (peer.host, peer.port, peer.flowInfo, peer.scopeID)
         self.client_address = addr
         self.socket = GreenSocket(self)
         factory.connection_started(self)

@@ -18,7 +18,7 @@ import socket
 import socketserver
 import threading
 
-from spoon import adapter
+from spoon import adapter, lean
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -205,11 +205,10 @@ class _SpoonMixIn:
         )
 
     def _listen(self, reactor):
-        """Serve this server's bound socket in ``reactor``."""
+        """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
         self._factory = self.protocol_factory(reactor)
-        self._port = reactor.adoptStreamPort(
-            self.socket.fileno(), self.address_family, self._factory
-        )
+        self._port = lean.LeanPort(self.socket, self._factory, reactor, log=self.log)
+        self._port.startListening()
 
     # -- serving --------------------------------------------------------------------------
 
@@ -367,13 +366,49 @@ class _DatagramMixIn:
 
 class _SporkMixIn(_SpoonMixIn):
     """The same as a Spoon, but pre-forks ``prefork`` worker processes that share the
-    listening socket.  ``pids`` lists the workers in the master, None in a worker."""
+    listening socket.  ``pids`` lists the workers in the master, None in a worker.
+
+    ``serve_forever()`` makes this process the supervisor (:mod:`spoon.prefork`): it never
+    runs a reactor; each worker installs its own and serves the inherited socket.  What
+    ``load_config()`` loaded here before forking is shared copy-on-write by the workers.
+    ``prefork`` <= 1 serves in this process, as a Spoon does.
+    """
 
     prefork = 4
+    #: Seconds a worker's reactor may go without reporting a heartbeat (a handler stuck in
+    #: a CPU loop or a blocking call) before the supervisor kills and replaces it.
+    worker_timeout = 30
 
     def __init__(self, address, bind_and_activate=True):
         self.pids = None
+        self._supervisor = None
         _SpoonMixIn.__init__(self, address, bind_and_activate)
+
+    def serve_forever(self, poll_interval=0.1):
+        """Pre-fork ``prefork`` workers and supervise them until :meth:`shutdown` or a stop
+        signal (see :mod:`spoon.prefork` for the signals the supervisor handles)."""
+        if self.prefork is None or self.prefork <= 1:
+            return _SpoonMixIn.serve_forever(self, poll_interval)
+        from spoon.prefork import Supervisor
+
+        Supervisor(self).run()
+
+    def shutdown(self):
+        """In the supervisor: stop every worker gracefully (they stop accepting and finish
+        what is in flight) and return from ``serve_forever``.  In a worker: stop it."""
+        supervisor = self._supervisor
+        if supervisor is not None:
+            supervisor.request_stop(graceful=True)
+            return
+        _SpoonMixIn.shutdown(self)
+
+    def reload_handler(self, *args, **kwargs):
+        """In the supervisor: ``load_config()`` in every worker (and here)."""
+        supervisor = self._supervisor
+        if supervisor is not None:
+            supervisor.request(self.signal_reload or signal.SIGUSR1)
+            return
+        _SpoonMixIn.reload_handler(self, *args, **kwargs)
 
 
 class TCPSpoon(_SpoonMixIn):

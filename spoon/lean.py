@@ -1,0 +1,417 @@
+"""A lean TCP transport for Gulp connections, registered through ``IReactorFDSet``.
+
+Twisted's ``tcp.Server`` is general: every write waits for the next reactor iteration
+(``startWriting`` then ``doWrite``), closing waits for another one, and every accepted
+socket is registered with epoll before its first byte is read.  For the short
+request/reply exchanges spoon servers mostly see, those iterations are most of the cost.
+
+This transport does the same job with fewer steps, using only public interfaces:
+
+- right after accept it reads what is already waiting (a client that spoke first, with
+  ``TCP_DEFER_ACCEPT`` nearly always) and registers with the reactor only if it must wait;
+- a write with nothing buffered goes straight to the socket; only the remainder is
+  buffered and written when the reactor says the socket is writable;
+- ``loseConnection`` with nothing buffered closes at once.
+
+Everything else (TLS, the PROXY protocol, other endpoints, plain Twisted factories) keeps
+Twisted's own transports: ``GulpProtocol`` works on either.
+"""
+
+import errno
+import socket
+
+from twisted.internet import address, defer, error
+from twisted.internet.interfaces import (
+    IConsumer,
+    IListeningPort,
+    IPushProducer,
+    IReadDescriptor,
+    IReadWriteDescriptor,
+    ISystemHandle,
+    ITCPTransport,
+)
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+#: Bytes asked of ``recv`` per read.
+READ_SIZE = 65536
+#: Buffered output above which a registered streaming producer is paused (Twisted's value).
+BUFFER_SIZE = 65536
+#: Bytes given to one ``send`` call at most.
+SEND_LIMIT = 128 * 1024
+
+_WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
+
+
+def _lost(exc=None):
+    return Failure(error.ConnectionLost(str(exc) if exc else "Connection lost"))
+
+
+@implementer(ITCPTransport, IReadWriteDescriptor, IConsumer, IPushProducer, ISystemHandle)
+class LeanConnection:
+    """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``).
+
+    ``peer`` is the address ``accept()`` returned; the Twisted address objects are built
+    only when asked for.
+    """
+
+    disconnecting = False
+    connected = True
+    producer = None
+
+    def __init__(self, sock, peer, protocol, reactor):
+        self.socket = sock
+        self._fileno = sock.fileno()
+        self.peer_tuple = peer
+        self.protocol = protocol
+        self.reactor = reactor
+        self._out = []
+        self._out_len = 0
+        self._reading = False
+        self._writing = False
+        self._read_closed = False  # EOF seen or reading shut down
+        self._read_stopped = False  # paused by the protocol (flow control)
+        self._write_closing = False  # half-close once the buffer is written
+        self._producer_paused = False
+        self._streaming = True
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self):
+        """Connect the protocol, then read whatever already waits on the socket."""
+        self.protocol.makeConnection(self)
+        while self.connected and not self._read_closed and not self._read_stopped:
+            if not self._read_once():
+                break
+        if self.connected and not self._read_closed and not self._read_stopped:
+            self._start_reading()
+
+    def _read_once(self):
+        """One ``recv``: deliver data or EOF. Returns True if something was delivered."""
+        try:
+            data = self.socket.recv(READ_SIZE)
+        except OSError as e:
+            if e.errno in _WOULD_BLOCK:
+                return False
+            self._close_now(_lost(e))
+            return False
+        if data:
+            self.protocol.dataReceived(data)
+            return True
+        self._read_closed = True
+        self._stop_reading()
+        self.protocol.readConnectionLost()
+        return False
+
+    def _start_reading(self):
+        if not self._reading:
+            self._reading = True
+            self.reactor.addReader(self)
+
+    def _stop_reading(self):
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+
+    def _close_now(self, reason):
+        if not self.connected:
+            return
+        self.connected = False
+        self.disconnecting = False
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+        if self._writing:
+            self._writing = False
+            self.reactor.removeWriter(self)
+        self._out = []
+        self._out_len = 0
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        self.protocol.connectionLost(reason)
+
+    # -- IReadDescriptor / IWriteDescriptor (called by the reactor) ------------------------
+
+    def fileno(self):
+        return self._fileno if self.connected else -1
+
+    def logPrefix(self):
+        return "spoon.lean"
+
+    def doRead(self):
+        self._read_once()
+
+    def doWrite(self):
+        out = self._out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.socket.send(data[:SEND_LIMIT] if len(data) > SEND_LIMIT else data)
+        except OSError as e:
+            if e.errno in _WOULD_BLOCK:
+                self._out = [data]
+                return None
+            self._close_now(_lost(e))
+            return None
+        rest = data[sent:] if sent else data
+        if rest:
+            self._out = [rest]
+            self._out_len = len(rest)
+        else:
+            self._out = []
+            self._out_len = 0
+            self._writing = False
+            self.reactor.removeWriter(self)
+            self._drained()
+        if self._producer_paused and self._out_len <= BUFFER_SIZE:
+            self._producer_paused = False
+            self.producer.resumeProducing()
+        return None
+
+    def _drained(self):
+        if self.disconnecting:
+            self._close_now(connectionDone)
+        elif self._write_closing:
+            self._write_closing = False
+            self._shutdown_write()
+
+    def connectionLost(self, reason):
+        """The reactor gave up on this descriptor (e.g. it was closed under it)."""
+        self._close_now(reason)
+
+    # -- ITransport -------------------------------------------------------------------------
+
+    def write(self, data):
+        if not self.connected or self.disconnecting or self._write_closing:
+            return
+        if not data:
+            return
+        if not self._out:
+            try:
+                sent = self.socket.send(data)
+            except OSError as e:
+                if e.errno not in _WOULD_BLOCK:
+                    self._close_now(_lost(e))
+                    return
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out.append(data)
+        self._out_len += len(data)
+        if not self._writing:
+            self._writing = True
+            self.reactor.addWriter(self)
+        if self.producer is not None and self._out_len > BUFFER_SIZE and not self._producer_paused:
+            self._producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data):
+        for chunk in data:
+            self.write(chunk)
+
+    def loseConnection(self):
+        if not self.connected or self.disconnecting:
+            return
+        self._stop_reading()
+        if self._out:
+            self.disconnecting = True
+        else:
+            self._close_now(connectionDone)
+
+    def abortConnection(self):
+        self._close_now(Failure(error.ConnectionAborted()))
+
+    def loseWriteConnection(self):
+        if not self.connected:
+            return
+        if self._out:
+            self._write_closing = True
+        else:
+            self._shutdown_write()
+
+    def _shutdown_write(self):
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.protocol.writeConnectionLost()
+
+    def _address(self, addr):
+        if self.socket.family == socket.AF_INET6:
+            return address.IPv6Address("TCP", *addr)
+        return address.IPv4Address("TCP", *addr[:2])
+
+    def getPeer(self):
+        return self._address(self.peer_tuple)
+
+    def getHost(self):
+        return self._address(self.socket.getsockname())
+
+    def getHandle(self):
+        return self.socket
+
+    # -- ITCPTransport extras -----------------------------------------------------------------
+
+    def getTcpNoDelay(self):
+        return bool(self.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def setTcpNoDelay(self, enabled):
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, enabled)
+
+    def getTcpKeepAlive(self):
+        return bool(self.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+
+    def setTcpKeepAlive(self, enabled):
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, enabled)
+
+    # -- IPushProducer: the protocol pausing its input -------------------------------------
+
+    def pauseProducing(self):
+        self._read_stopped = True
+        self._stop_reading()
+
+    def resumeProducing(self):
+        self._read_stopped = False
+        if self.connected and not self._read_closed and not self.disconnecting:
+            self._start_reading()
+
+    def stopReading(self):
+        self._read_closed = True
+        self._stop_reading()
+
+    def stopProducing(self):
+        self.loseConnection()
+
+    # -- IConsumer: the protocol as the producer of our output -----------------------------
+
+    def registerProducer(self, producer, streaming):
+        if self.producer is not None:
+            raise RuntimeError("a producer is already registered")
+        self.producer = producer
+        self._streaming = streaming
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self):
+        self.producer = None
+        self._producer_paused = False
+
+
+def serve_accepted(sock, peer, factory, reactor):
+    """Serve a freshly accepted socket with ``factory``'s (a GulpFactory) protocol on a
+    LeanConnection.
+
+    ``sock`` must be non-blocking.  Returns the transport, or None if the factory refused
+    the connection.
+    """
+    # GulpFactory.buildProtocol ignores its address argument: don't build one.
+    protocol = factory.buildProtocol(None)
+    if protocol is None:
+        sock.close()
+        return None
+    transport = LeanConnection(sock, peer, protocol, reactor)
+    transport.start()
+    return transport
+
+
+#: accept() errors that concern only the connection being accepted: skip it.
+_ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
+#: Seconds to wait before accepting again when out of descriptors or memory.
+ACCEPT_RETRY_DELAY = 0.1
+
+
+@implementer(IListeningPort, IReadDescriptor)
+class LeanPort:
+    """Accept connections on an already listening socket and serve each one on a
+    :class:`LeanConnection` with ``factory`` (a GulpFactory).
+
+    Up to ``accepts_per_read`` connections are accepted each time the reactor reports
+    the socket readable.  The port works on its own duplicate of the socket's descriptor;
+    ``stopListening`` closes that duplicate only.
+    """
+
+    def __init__(self, sock, factory, reactor, accepts_per_read=64, log=None):
+        self.factory = factory
+        self.reactor = reactor
+        self.accepts_per_read = accepts_per_read
+        self.socket = sock.dup()
+        self.socket.setblocking(False)
+        self._fileno = self.socket.fileno()
+        self._listening = False
+        self._reading = False
+        self._log = log
+
+    def startListening(self):
+        if not self._listening:
+            self._listening = True
+            self.factory.doStart()
+            self._start_reading()
+
+    def stopListening(self):
+        if self._listening:
+            self._listening = False
+            self._stop_reading()
+            self.socket.close()
+            self.factory.doStop()
+        return defer.succeed(None)
+
+    loseConnection = stopListening
+
+    def getHost(self):
+        addr = self.socket.getsockname()
+        if self.socket.family == socket.AF_INET6:
+            return address.IPv6Address("TCP", *addr)
+        return address.IPv4Address("TCP", *addr)
+
+    def fileno(self):
+        return self._fileno if self._listening else -1
+
+    def logPrefix(self):
+        return "spoon.LeanPort"
+
+    def connectionLost(self, reason):
+        self._reading = False
+
+    def _start_reading(self):
+        if self._listening and not self._reading:
+            self._reading = True
+            self.reactor.addReader(self)
+
+    def _stop_reading(self):
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+
+    def doRead(self):
+        accept = self.socket.accept
+        factory = self.factory
+        reactor = self.reactor
+        for _ in range(self.accepts_per_read):
+            if not self._listening:
+                return
+            try:
+                conn, peer = accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in _ACCEPT_SKIP:
+                    continue
+                # Out of descriptors or memory: stop for a moment instead of spinning.
+                if self._log is not None:
+                    self._log.error("accept() failed: %s; retrying in %ss", e, ACCEPT_RETRY_DELAY)
+                self._stop_reading()
+                reactor.callLater(ACCEPT_RETRY_DELAY, self._start_reading)
+                return
+            conn.setblocking(False)
+            try:
+                serve_accepted(conn, peer, factory, reactor)
+            except Exception:
+                if self._log is not None:
+                    self._log.exception("could not serve a connection from %s", peer)
+                conn.close()
