@@ -17,6 +17,7 @@ import socket
 import greenlet
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 __all__ = [
@@ -115,8 +116,7 @@ def wait(deferred, reactor=None):
         finally:
             waiting = False
     result = outcome[0]
-    # Failure without importing it at module level: it has raiseException.
-    if hasattr(result, "raiseException") and hasattr(result, "value"):
+    if isinstance(result, Failure):
         result.raiseException()
     return result
 
@@ -461,10 +461,10 @@ class GreenSocket:
         if proto._closed:
             raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
         if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            # Further reads return EOF; the transport stops reading for good.
             proto._eof = True
-            proto.transport.stopReading() if hasattr(
-                proto.transport, "stopReading"
-            ) else proto.transport.pauseProducing()
+            stop_reading = getattr(proto.transport, "stopReading", None)
+            (stop_reading or proto.transport.pauseProducing)()
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
             if proto._producer_registered:
                 proto._producer_registered = False
