@@ -294,3 +294,16 @@ def test_many_concurrent_persistent_clients(sample):
     for i, c in enumerate(clients):
         assert recv_all(c) == b"client %d\n" % i
         c.close()
+
+
+def test_client_reset_while_handler_waits_leaves_server_serving(sample):
+    server = sample("EchoServer")
+    import struct
+
+    for _ in range(20):
+        c = connect(("127.0.0.1", server.port))
+        c.sendall(b"partial line without end")
+        # SO_LINGER 0: close with a reset instead of a FIN.
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    assert request(("127.0.0.1", server.port), b"STILL HERE\n") == b"still here\n"
