@@ -308,7 +308,7 @@ def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, log
     os.close(report_w)
 
 
-def _serve(server, pidfile, daemonize, after_detach=None):
+def _serve(server, pidfile, daemonize, after_detach=None, serve=None):
     # Taken now: the daemon changes directory to "/".
     pidfile = os.path.abspath(pidfile) if pidfile else None
     if daemonize:
@@ -319,7 +319,7 @@ def _serve(server, pidfile, daemonize, after_detach=None):
     try:
         if after_detach is not None:
             after_detach()
-        server.serve_forever()
+        (serve or server.serve_forever)()
     except Exception:
         logger = getattr(server, "log", None) or log
         logger.exception("The server stopped on an error")
@@ -428,7 +428,8 @@ def _parser(prog):
     parser.add_argument("command", choices=["start", "stop", "reload", "restart"])
     parser.add_argument(
         "-s", "--spork", type=int, default=None, metavar="N",
-        help="number of pre-forked workers (Spork classes; default: the class's prefork)",
+        help="pre-fork N worker processes (default: the class's prefork for Sporks, "
+        "1 for Spoons)",
     )
     parser.add_argument("-p", "--pid-file", default=None, help="the daemon's pid file")
     parser.add_argument("-P", "--port", type=int, default=None, help="port to listen on")
@@ -478,12 +479,6 @@ def _resolve(options, klass):
         options.spork = int(options.spork)
         if options.spork < 1:
             raise UsageError("-s/--spork must be at least 1, not %d" % options.spork)
-        if not is_spork(klass) and options.spork != 1:
-            raise UsageError(
-                "-s/--spork %d: %s is a single-process Spoon; pre-forking needs a Spork "
-                "class (e.g. class Forked(%s, spoon.server.TCPSpork))"
-                % (options.spork, options.klass, klass.__name__)
-            )
     if options.pid_file:
         options.pid_file = os.path.abspath(options.pid_file)
     if options.log_file:
@@ -516,11 +511,22 @@ def _start(options, klass, out):
         check_pidfile(options.pid_file)
     if options.nice:
         os.nice(options.nice)
-    if options.spork is not None and is_spork(klass):
-        klass.prefork = options.spork
+    workers = options.spork
+    if workers is not None and is_spork(klass):
+        klass.prefork = workers
     server = klass((options.interface, options.port))
-    if options.spork is not None and is_spork(klass):
-        server.prefork = options.spork
+    serve = None
+    if workers is not None and is_spork(klass):
+        server.prefork = workers
+    elif workers is not None and workers > 1:
+        # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
+        # same supervisor, around this server's socket.
+        def serve():
+            from spoon.prefork import Supervisor
+
+            Supervisor(server, workers=workers).run()
+    elif is_spork(klass):
+        workers = server.prefork
 
     def after_detach():
         if daemonize:
@@ -534,11 +540,11 @@ def _start(options, klass, out):
             options.klass,
             "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port),
             os.getpid(),
-            ", %s workers" % getattr(server, "prefork", "?") if is_spork(klass) else "",
+            ", %s workers" % workers if workers and workers > 1 else "",
         )
 
     try:
-        _serve(server, options.pid_file, daemonize, after_detach)
+        _serve(server, options.pid_file, daemonize, after_detach, serve)
     finally:
         server.server_close()
     return 0

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from support import ROOT, pid_alive, request, wait_for
+from support import ROOT, children_of, pid_alive, request, wait_for
 
 PROBE_MODULE = '''
 """A server whose answers show what the daemon did: its config generation and pid."""
@@ -377,19 +377,67 @@ def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
     assert any("[%d] twisted INFO: twisted saw gen" % proc.pid in line for line in lines), err
 
 
-# -- the Spork class default (the original crashed on int(None)) ------------------------------
+# -- pre-forked pools (and the Spork class default: the original crashed on int(None)) ----------
 
 
-def test_start_without_spork_keeps_the_class_prefork(daemons):
-    pid, port = daemons.start(klass="probe_servers.ProbeSpork")
+def _workers(master, count):
+    return wait_for(
+        lambda: (lambda kids: kids if len(kids) == count else None)(
+            [k for k in children_of(master) if pid_alive(k)]
+        ),
+        timeout=30,
+        what="%d workers of %d" % (count, master),
+    )
+
+
+def test_spork_pool_start_reload_stop(daemons):
+    klass = "probe_servers.ProbeSpork"
+    master, port = daemons.start("-L", daemons.log_file, klass=klass)
+    workers = _workers(master, 2)  # the class's prefork = 2, no -s given
+    gen, answering = daemons.ask(port, "gen").split()
+    assert gen == "1" and int(answering) in workers
     assert daemons.ask(port, "prefork") == "2\n"
-    assert daemons.run("stop", "-p", daemons.pid_file, klass="probe_servers.ProbeSpork").returncode == 0
-    assert not pid_alive(pid)
+
+    assert daemons.run("reload", "-p", daemons.pid_file, klass=klass).returncode == 0
+    # Every worker reloaded (each logs it with its own pid), and answers the new generation.
+    wait_for(
+        lambda: {p for p, _ in _lines_matching(daemons.log_file, "probe-server", "SIGUSR1")}
+        >= set(workers),
+        timeout=20,
+        what="SIGUSR1 in every worker",
+    )
+    wait_for(lambda: daemons.ask(port, "gen").split()[0] == "2", timeout=20, what="generation 2")
+
+    result = daemons.run("stop", "-p", daemons.pid_file, klass=klass)
+    assert result.returncode == 0, result.stderr
+    assert not pid_alive(master)
+    wait_for(lambda: not any(pid_alive(w) for w in workers), timeout=20, what="workers gone")
+    assert not os.path.exists(daemons.pid_file)
+
+    # One file: the master's and every worker's records, each with its writer's pid.
+    assert _lines_matching(daemons.log_file, "probe-server", "Starting")[0][0] == master
+    handled = {p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled")}
+    assert handled and handled <= set(workers)
+    seen = {p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw")}
+    assert seen and seen <= set(workers)
+    for line in _log_lines(daemons.log_file):
+        assert LINE.match(line), line
 
 
-def test_spork_option_sets_prefork(daemons):
-    pid, port = daemons.start("-s", "3", klass="probe_servers.ProbeSpork")
+def test_spork_option_sets_the_number_of_workers(daemons):
+    master, port = daemons.start("-s", "3", klass="probe_servers.ProbeSpork")
+    _workers(master, 3)
     assert daemons.ask(port, "prefork") == "3\n"
+
+
+def test_spork_option_preforks_a_spoon_class(daemons):
+    master, port = daemons.start("-s", "2")
+    workers = _workers(master, 2)
+    gen, answering = daemons.ask(port, "gen").split()
+    assert gen == "1" and int(answering) in workers
+    assert daemons.run("stop", "-p", daemons.pid_file).returncode == 0
+    assert not pid_alive(master)
+    wait_for(lambda: not any(pid_alive(w) for w in workers), timeout=20, what="workers gone")
 
 
 # -- errors: clear messages, non-zero status, nothing started ----------------------------------
@@ -424,10 +472,10 @@ def test_busy_port(daemons):
     assert _processes_with_token(daemons.token) == []
 
 
-def test_spork_count_on_a_spoon_is_refused(daemons):
-    result = daemons.run("start", "-p", daemons.pid_file, "-s", "3")
+def test_spork_count_must_be_positive(daemons):
+    result = daemons.run("start", "-p", daemons.pid_file, "-s", "0")
     assert result.returncode == 2
-    assert "needs a Spork class" in result.stderr
+    assert "-s/--spork must be at least 1" in result.stderr
 
 
 def test_daemon_needs_a_pid_file(daemons):
