@@ -207,10 +207,16 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
             sock.listen(spec.backlog if spec.backlog is not None else backlog)
     except OSError as e:
         sock.close()
-        where = "[%s]:%s" % (spec.host, spec.port) if ":" in spec.host else "%s:%s" % (spec.host, spec.port)
+        where = format_address((spec.host, spec.port))
         raise OSError(e.errno, "cannot bind %s %s: %s" % (spec.kind, where, e.strerror)) from e
     sock.setblocking(False)
     return sock
+
+
+def format_address(address):
+    """"host:port" ("[v6host]:port"), as log lines and tests read it."""
+    host, port = address[0], address[1]
+    return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
 
 
 def _socket_options(klass):
@@ -262,6 +268,7 @@ class _SupervisorProtocol(ProcessProtocol):
         self.started_at = service.reactor.seconds()
         self.relays = {fd: _LineRelay(self._line) for fd in (1, 2)}
         self.log = log
+        self.pid = None
 
     def _line(self, text):
         # The supervisor and its workers put their own pid in every line they write.
@@ -298,6 +305,39 @@ def _descendants(pid):
     return found
 
 
+#: Run by the supervisor's interpreter when it must drop privileges itself: it is executed
+#: while twistd is still root (an interpreter installed in a directory only root can read
+#: could not be executed as "nobody"), imports what the supervisor and its workers need
+#: while it can, switches user, and only then runs ``spoon.prefork.main`` (which sets the
+#: parent-death signal: a change of credentials would clear it).
+_DROP_PRIVILEGES_AND_RUN = """# spoon.prefork supervisor: switch user, then run
+import importlib, os, pwd, sys
+uid, gid, target = sys.argv[1:4]
+argv = sys.argv[4:]
+import spoon.prefork, spoon.worker, spoon.server, spoon.adapter
+import twisted.internet.default, twisted.internet.epollreactor, twisted.internet.pollreactor
+import twisted.internet.selectreactor, twisted.internet.tcp, twisted.internet.udp
+try:
+    importlib.import_module(target.rpartition(".")[0])
+except Exception:
+    pass  # the supervisor reports it
+uid = int(uid) if uid != "-" else None
+gid = int(gid) if gid != "-" else None
+if uid is not None and gid is None:
+    gid = pwd.getpwuid(uid).pw_gid
+if gid is not None:
+    os.setgid(gid)
+if uid is not None:
+    try:
+        os.initgroups(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:
+        os.setgroups([gid])
+    os.setuid(uid)
+sys.argv[0] = "spoon.prefork"
+sys.exit(spoon.prefork.main(argv))
+"""
+
+
 class PreforkService(service.Service):
     """Run a pre-forked pool of ``target`` (dotted path of a spoon server class, or of a
     callable returning a Twisted ``IProtocolFactory``) on one listening socket.
@@ -306,7 +346,10 @@ class PreforkService(service.Service):
     string, a ``(host, port)`` tuple (TCP, or UDP for a datagram server class), or an
     already bound socket object.  ``workers``: pool size (default: the class's ``prefork``).
     ``graceful_timeout`` / ``worker_timeout``: passed to the supervisor (default: its own).
-    ``reactor``: the reactor to spawn from (default: the global one).
+    ``reactor``: the reactor to spawn from (default: the global one).  ``uid`` / ``gid``:
+    the user the pool runs as; then the supervisor is started in
+    ``privilegedStartService`` (while this process is still privileged) and switches user
+    itself before it forks any worker (``twistd --uid/--gid`` passes them).
 
     After ``privilegedStartService`` (or ``startService``) ``address`` is the bound address,
     so port 0 works.  ``stopService`` stops the pool gracefully (SIGTERM) and fires when the
@@ -333,6 +376,8 @@ class PreforkService(service.Service):
         python=None,
         python_path=(),
         extra_args=(),
+        uid=None,
+        gid=None,
     ):
         self.target = target
         self.target_object = resolve(target)
@@ -359,6 +404,8 @@ class PreforkService(service.Service):
             roots.append(root)
         self.python_path = roots
         self.extra_args = list(extra_args)
+        self.uid = uid
+        self.gid = gid
         self.log = Logger(namespace="spoon.pool")
         self.socket = endpoint if isinstance(endpoint, socket.socket) else None
         self.address = self.socket.getsockname() if self.socket is not None else None
@@ -412,7 +459,13 @@ class PreforkService(service.Service):
 
     def supervisor_args(self):
         """The supervisor's command line (``python -m spoon.prefork ...``)."""
-        args = [self.python, "-m", "spoon.prefork", "--fd", str(CHILD_SOCKET_FD), "--target", self.target]
+        options = ["--fd", str(CHILD_SOCKET_FD), "--target", self.target]
+        if self._drops_privileges():
+            args = [self.python, "-c", _DROP_PRIVILEGES_AND_RUN]
+            args += ["-" if self.uid is None else str(self.uid), "-" if self.gid is None else str(self.gid)]
+            args += [self.target] + options
+        else:
+            args = [self.python, "-m", "spoon.prefork"] + options
         if self.workers is not None:
             args += ["--workers", str(int(self.workers))]
         if self.graceful_timeout is not None:
@@ -422,6 +475,13 @@ class PreforkService(service.Service):
         if self.spec.datagram:
             args.append("--udp")
         return args + self.extra_args
+
+    def _drops_privileges(self):
+        if self.uid is None and self.gid is None:
+            return False
+        return (self.uid is not None and self.uid != os.getuid()) or (
+            self.gid is not None and self.gid != os.getgid()
+        )
 
     def _environment(self):
         env = dict(os.environ)
@@ -434,16 +494,24 @@ class PreforkService(service.Service):
     # -- IService -----------------------------------------------------------------------
 
     def privilegedStartService(self):
-        """Bind now: twistd calls this before it drops privileges (port 783 as root)."""
+        """Bind now: twistd calls this before it drops privileges (port 783 as root).
+
+        With ``uid``/``gid`` the supervisor is started now too, while this process may
+        still execute and read everything; it switches user itself.
+        """
         self._bind()
         service.Service.privilegedStartService(self)
+        if self._drops_privileges():
+            self._stopping = False
+            self._spawn_pending = True
+            self._spawn()
 
     def startService(self):
         self._bind()
         service.Service.startService(self)
         self._stopping = False
         self._quick_deaths = 0
-        self._spawn_pending = True
+        self._spawn_pending = self.process is None
         # Spawning needs a running reactor (child reaping); twistd calls startService just
         # before reactor.run().
         self.reactor.callWhenRunning(self._spawn)
@@ -492,21 +560,26 @@ class PreforkService(service.Service):
                 env=self._environment(),
                 childFDs={0: null, 1: "r", 2: "r", CHILD_SOCKET_FD: self.socket.fileno()},
             )
+        except Exception as e:
+            self.log.error("cannot start the supervisor ({python}): {error}", python=self.python, error=e)
+            self._schedule_restart(None, "could not be started", 0.0)
+            return
         finally:
             os.close(null)
         self._protocol = protocol
+        protocol.pid = self.process.pid
         self.log.info(
             "started supervisor pid {pid} for {target} on {kind} {address}",
             pid=self.process.pid,
             target=self.target,
             kind=self.spec.kind,
-            address=self.address,
+            address=format_address(self.address),
         )
 
     def _supervisor_ended(self, protocol, reason):
         if protocol is not self._protocol:
             return
-        pid = self.process.pid if self.process is not None else None
+        pid = protocol.pid
         self.process = None
         self._protocol = None
         code = getattr(reason.value, "exitCode", None)
@@ -521,7 +594,9 @@ class PreforkService(service.Service):
             for d in deferreds:
                 d.callback(None)
             return
-        ran = self.reactor.seconds() - protocol.started_at
+        self._schedule_restart(pid, how, self.reactor.seconds() - protocol.started_at)
+
+    def _schedule_restart(self, pid, how, ran):
         if ran >= self.stable_after:
             self._quick_deaths = 0
         low, high = self.restart_delay
@@ -700,7 +775,13 @@ class ServeService(service.Service):
                 finally:
                     sock.close()  # the reactor holds its own duplicate
                 self.ports.append(port)
-                self.log.info("{server} listening on {kind} {address}", server=type(self.server).__name__, kind=spec.kind, address=port.getHost())
+                host = port.getHost()
+                self.log.info(
+                    "{server} listening on {kind} {address}",
+                    server=type(self.server).__name__,
+                    kind=spec.kind,
+                    address=format_address((host.host, host.port)),
+                )
         except BaseException:
             self._stop_listening()
             self._listening = False

@@ -297,6 +297,10 @@ def makeService(options):
     _set_up_logging(klass)
     top = SpoonMultiService()
     graceful = options["graceful-timeout"]
+    # twistd drops privileges (--uid/--gid) between privilegedStartService and
+    # startService; the pool switches user in its supervisor (see PreforkService).
+    parent = getattr(options, "parent", None) or {}
+    uid, gid = parent.get("uid"), parent.get("gid")
     if options["spork"] > 1:
         for description in options["endpoint"]:
             PreforkService(
@@ -306,6 +310,8 @@ def makeService(options):
                 graceful_timeout=graceful,
                 worker_timeout=options["worker-timeout"],
                 python_path=options.get("python_path", ()),
+                uid=uid,
+                gid=gid,
             ).setServiceParent(top)
     else:
         server = build_server(klass, (options["interface"], options["port"]))

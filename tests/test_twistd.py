@@ -1,0 +1,429 @@
+"""``twistd spoon`` driven for real: the twistd of this virtualenv, daemonised or not, with
+pid and log files in temporary directories, signals sent to the pid in the pid file, and
+/proc read for the processes (their parents, their uid, their end).
+
+The servers are in ``test_service_apps``; every request answers "<pid> <generation> <uid>".
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+from support import HERE, children_of, pid_alive, request, wait_for
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def _descendants(pid):
+    found, todo = [], [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def ask(port, line=b"hi", host="127.0.0.1", timeout=10.0):
+    """(pid, generation, uid) of the process that served one request."""
+    reply = request((host, port), line + b"\n", timeout=timeout)
+    pid, generation, uid = reply.split()
+    return int(pid), int(generation), int(uid)
+
+
+def _status_uid(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+    raise AssertionError("no Uid line for %d" % pid)
+
+
+class Twistd:
+    """One twistd run in ``directory`` with twistd.pid / twistd.log there."""
+
+    def __init__(self, directory, spoon_args, daemon=True, twistd_args=(), env=None):
+        self.directory = directory
+        self.pidfile = os.path.join(directory, "twistd.pid")
+        self.logfile = os.path.join(directory, "twistd.log")
+        self.env = dict(os.environ, PYTHONPATH=HERE)
+        self.env.update(env or {})
+        self.command = [TWISTD, "--pidfile", self.pidfile, "--logfile", self.logfile]
+        self.command += list(twistd_args) + (["-n"] if not daemon else [])
+        self.command += ["spoon"] + list(spoon_args)
+        self.daemon = daemon
+        self.pid = None
+        self.proc = None
+        self.known = set()
+
+    def start(self, timeout=30.0):
+        self.started_at = time.monotonic()
+        if self.daemon:
+            done = subprocess.run(
+                self.command, cwd=self.directory, env=self.env, capture_output=True, timeout=timeout
+            )
+            assert done.returncode == 0, (done.stdout + done.stderr).decode() + self.log()
+            self.pid = wait_for(self._read_pid, timeout, what="twistd pid file")
+        else:
+            self.proc = subprocess.Popen(
+                self.command, cwd=self.directory, env=self.env, start_new_session=True,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            self.pid = self.proc.pid
+        self.known.add(self.pid)
+        return self
+
+    def _read_pid(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def log(self):
+        try:
+            with open(self.logfile, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def port(self, timeout=30.0):
+        """The port the server listens on, read from the log."""
+        pattern = re.compile(r"on (?:tcp|udp) \[?[^\s\]]*\]?:(\d+)")
+
+        def find():
+            match = pattern.search(self.log())
+            return int(match.group(1)) if match else None
+
+        return wait_for(find, timeout, what="the listening port in the log:\n" + self.log())
+
+    def processes(self):
+        """twistd and every process below it (remembered, for the clean-up)."""
+        found = [self.pid] + _descendants(self.pid)
+        self.known.update(found)
+        return found
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def wait_gone(self, timeout=40.0):
+        """Wait until twistd and every process it started are gone; return the seconds."""
+        start = time.monotonic()
+        wait_for(lambda: not any(pid_alive(p) for p in self.known), timeout,
+                 what="every process to exit:\n" + self.log()[-3000:])
+        if self.proc is not None:
+            self.proc.wait(timeout=5)
+        return time.monotonic() - start
+
+    def kill(self):
+        if self.pid is not None:
+            self.processes() if pid_alive(self.pid) else None
+        for pid in sorted(self.known, reverse=True):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def workdir():
+    """A temporary directory every user can enter and write (twistd --uid nobody removes
+    its pid file there)."""
+    path = tempfile.mkdtemp(prefix="spoon-twistd-")
+    os.chmod(path, 0o777)
+    yield path
+    for name in os.listdir(path):
+        try:
+            os.unlink(os.path.join(path, name))
+        except OSError:
+            pass
+    os.rmdir(path)
+
+
+@pytest.fixture
+def twistd(workdir):
+    runs = []
+
+    def start(spoon_args, **kwargs):
+        run = Twistd(workdir, spoon_args, **kwargs)
+        runs.append(run)
+        return run.start()
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+class Load:
+    """Sequential requests from a few threads until stopped: counts successes and failures."""
+
+    def __init__(self, port, threads=2):
+        self.port = port
+        self.ok = 0
+        self.failures = []
+        self.pids = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                pid, _, _ = ask(self.port, timeout=10)
+            except Exception as e:  # any failure counts
+                with self._lock:
+                    self.failures.append(repr(e))
+            else:
+                with self._lock:
+                    self.ok += 1
+                    self.pids.add(pid)
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+# -- options --------------------------------------------------------------------------------
+
+
+def test_twistd_help_lists_spoon_and_every_option():
+    out = subprocess.run([TWISTD, "--help"], capture_output=True, timeout=30).stdout.decode()
+    assert re.search(r"^\s+spoon\s+\S", out, re.M), out
+    out = subprocess.run([TWISTD, "spoon", "--help"], capture_output=True, timeout=30).stdout.decode()
+    for option in ["--server=", "-P, --port=", "-I, --interface=", "-e, --endpoint=",
+                   "-s, --spork=", "--graceful-timeout=", "--worker-timeout="]:
+        assert option in out, out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--server is required"),
+        (["--server", "no_such_module_q.Server"], "cannot import 'no_such_module_q.Server'"),
+        (["--server", "test_service_apps.Missing"], "'test_service_apps.Missing'"),
+        (["--server", "test_service_apps.NotAServer"], "'test_service_apps.NotAServer' is not a spoon server class"),
+        (["--server", "test_service_apps.GenerationSpork", "-e", "unix:/tmp/x.sock"], "cannot be pre-forked"),
+        (["--server", "test_service_apps.GenerationSpork", "-e", "udp:0"], "is a TCP server"),
+        (["--server", "test_service_apps.UDPGenerationSpork", "-e", "tcp:0"], "is a UDP server"),
+    ],
+)
+def test_bad_options_give_a_clear_error(args, message):
+    done = subprocess.run(
+        [TWISTD, "-n", "spoon"] + args, capture_output=True, timeout=30,
+        env=dict(os.environ, PYTHONPATH=HERE),
+    )
+    assert done.returncode != 0
+    output = (done.stdout + done.stderr).decode()
+    assert message in output, output
+
+
+# -- without pre-forking --------------------------------------------------------------------
+
+
+def test_single_process_foreground_reload_rotate_and_graceful_stop(twistd):
+    """-s 1 with -n and --reactor poll: the server runs in twistd's own process."""
+    run = twistd(
+        ["--server", "test_service_apps.GenerationSpork", "-s", "1", "-I", "127.0.0.1", "-P", "0"],
+        daemon=False, twistd_args=["--reactor", "poll"],
+    )
+    port = run.port()
+    pid, generation, _ = wait_for(lambda: _try(ask, port), 20, what="first answer")
+    assert (pid, generation) == (run.pid, 1)
+    assert "PollReactor" in run.log()
+
+    run.signal(signal.SIGUSR1)
+    wait_for(lambda: ask(port)[1] == 2, 20, what="generation 2 after USR1")
+    wait_for(lambda: os.path.exists(run.logfile + ".1"), 20, what="log rotated on USR1")
+    run.signal(signal.SIGHUP)  # without workers to restart: a reload
+    wait_for(lambda: ask(port)[1] == 3, 20, what="generation 3 after HUP")
+
+    ask(port, b"log")
+    wait_for(lambda: re.search(r"gen-server#info pid=%d\] request logged by the handler" % run.pid, run.log()),
+             10, what="the stdlib record in twistd's log with its pid")
+
+    # An in-flight request finishes; twistd exits once it has.
+    result = []
+    client = threading.Thread(target=lambda: result.append(ask(port, b"sleep 1.5")))
+    client.start()
+    wait_for(lambda: _connections_open(run.pid) >= 1, 10, what="the slow request to be in flight")
+    run.signal(signal.SIGTERM)
+    seconds = run.wait_gone()
+    client.join(15)
+    assert result and result[0][0] == run.pid
+    assert run.proc.returncode in (0, -signal.SIGTERM)  # twistd re-raises the signal that stopped it
+    assert not os.path.exists(run.pidfile)
+    print("single-process stop with one in-flight 1.5 s request took %.2fs" % seconds)
+
+
+def _try(f, *args):
+    try:
+        return f(*args)
+    except OSError:
+        return None
+
+
+def _connections_open(pid):
+    """ESTABLISHED TCP sockets of ``pid`` (from /proc/PID/fd and /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] in ("01", "08") and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_usr1_handler_installed_before_twistd_still_rotates_and_reloads(twistd, workdir):
+    """A module that installs its own SIGUSR1 handler at import makes twistd skip its log
+    rotation handler; twistd spoon sets it aside, so all three still happen."""
+    marker = os.path.join(workdir, "early-usr1")
+    with open(os.path.join(workdir, "early_usr1_app.py"), "w") as f:
+        f.write(textwrap.dedent("""
+            import os, signal
+            from test_service_apps import GenerationSpoon
+
+            def _early(signum, frame):
+                with open(%r, "a") as f:
+                    f.write("called\\n")
+
+            signal.signal(signal.SIGUSR1, _early)
+        """ % marker))
+    run = twistd(["--server", "early_usr1_app.GenerationSpoon", "-I", "127.0.0.1", "-P", "0"])
+    port = run.port()
+    assert ask(port)[:2] == (run.pid, 1)
+    run.signal(signal.SIGUSR1)
+    wait_for(lambda: ask(port)[1] == 2, 20, what="generation 2 after USR1")
+    wait_for(lambda: os.path.exists(run.logfile + ".1"), 20, what="log rotated on USR1")
+    wait_for(lambda: os.path.exists(marker), 20, what="the module's own handler called")
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
+
+
+# -- pre-forked -----------------------------------------------------------------------------
+
+
+def _worker_pids(run):
+    """Pids of the workers: the grandchildren of twistd (twistd > supervisor > workers)."""
+    supervisors = children_of(run.pid)
+    run.processes()
+    return sorted(p for s in supervisors for p in children_of(s))
+
+
+def _answers_from(port, pids, timeout=30.0, generation=None):
+    """Ask until every pid in ``pids`` has answered (with ``generation`` when given)."""
+    seen = {}
+
+    def all_seen():
+        pid, gen, _ = ask(port)
+        if generation is None or gen == generation:
+            seen[pid] = gen
+        return set(pids) <= set(seen)
+
+    wait_for(all_seen, timeout, interval=0, what="answers from %s (seen %s)" % (pids, seen))
+    return seen
+
+
+def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd):
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", "0",
+                  "--graceful-timeout", "10"])
+    port = run.port()
+    workers = wait_for(lambda: len(_worker_pids(run)) == 2 and _worker_pids(run), 30, what="2 workers")
+    assert run.pid not in workers
+    seen = _answers_from(port, workers)
+    assert set(seen) == set(workers) and set(seen.values()) == {1}
+
+    # USR1: load_config() in every worker, and twistd's log file is rotated.
+    run.signal(signal.SIGUSR1)
+    _answers_from(port, workers, generation=2)
+    wait_for(lambda: os.path.exists(run.logfile + ".1"), 20, what="log rotated on USR1")
+    assert _worker_pids(run) == workers
+
+    # HUP under continuous load: new workers, no failed request.
+    load = Load(port, threads=2)
+    try:
+        wait_for(lambda: load.ok >= 20, 20, what="load running")
+        run.signal(signal.SIGHUP)
+        wait_for(lambda: (set(_worker_pids(run)) & set(workers)) == set() and len(_worker_pids(run)) == 2,
+                 60, what="every worker replaced after HUP")
+        before = load.ok
+        wait_for(lambda: load.ok >= before + 20, 20, what="load served by the new workers")
+    finally:
+        load.stop()
+    new_workers = _worker_pids(run)
+    print("HUP under load: %d requests, %d failures" % (load.ok, len(load.failures)))
+    assert load.failures == []
+    _answers_from(port, new_workers)
+
+    # Every line in the log carries a pid: twistd's own and the pool's relayed ones.
+    text = open(run.logfile).read() + open(run.logfile + ".1").read()
+    for worker_pid in workers:
+        assert re.search(r"\[%d\] gen-server INFO: config generation 2" % worker_pid, text), text
+    for line in text.splitlines():
+        assert re.search(r"pid=\d+\]|\[spoon\.pool\] \S+ \S+ \[\d+\]", line), line
+
+    # TERM: graceful stop of everything, in-flight requests included.
+    result = []
+    client = threading.Thread(target=lambda: result.append(ask(port, b"sleep 1")))
+    client.start()
+    wait_for(lambda: any(_connections_open(p) for p in new_workers), 10, what="request in flight")
+    run.processes()
+    run.signal(signal.SIGTERM)
+    seconds = run.wait_gone()
+    client.join(15)
+    print("TERM stop of twistd + supervisor + 2 workers with a 1 s request in flight: %.2fs" % seconds)
+    assert result and result[0][0] in new_workers
+    assert not os.path.exists(run.pidfile)
+    assert "pool stopped" in run.log()
+
+
+def _free_privileged_port():
+    for port in range(783, 1024):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no free privileged port")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding a privileged port and --uid need root")
+def test_privileged_port_and_privilege_drop(twistd):
+    port = _free_privileged_port()
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", str(port)],
+                 twistd_args=["--uid", "nobody", "--gid", "nogroup"])
+    workers = wait_for(lambda: len(_worker_pids(run)) == 2 and _worker_pids(run), 30,
+                       what="2 workers:\n" + run.log())
+    seen = _answers_from(port, workers)
+    nobody = 65534
+    assert set(seen) == set(workers)
+    for pid in run.processes():
+        assert _status_uid(pid) == [nobody] * 4, pid
+    assert ask(port)[2] == nobody
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
