@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+import spoon.daemon
 from support import ROOT, children_of, pid_alive, request, wait_for
 
 PROBE_MODULE = '''
@@ -273,6 +274,22 @@ def test_restart_waits_for_the_old_process(daemons):
     assert new_pid != old_pid and pid_alive(new_pid)
     assert daemons.ask(daemons.port(), "gen") == "1 %d\n" % new_pid
     assert "exited" in result.stderr
+
+
+def test_restart_gives_up_when_the_old_process_does_not_exit_in_time(daemons):
+    old_pid, old_port = daemons.start()
+    held = socket.create_connection(("127.0.0.1", old_port), timeout=20)
+    try:
+        held.sendall(b"hold\n")
+        wait_for(lambda: daemons.ask(old_port, "gen") == "1 %d\n" % old_pid, what="server")
+        result = daemons.run("restart", "-p", daemons.pid_file, "--stop-timeout", "0.2")
+        # Still draining the held connection (graceful_timeout 3 s): no second start.
+        assert result.returncode == 1
+        assert "did not exit within 0.2s" in result.stderr
+        assert daemons.pid() == old_pid
+    finally:
+        held.close()
+    assert spoon.daemon.wait_for_exit(old_pid, 30)
 
 
 def test_restart_when_not_running_starts(daemons):
@@ -540,8 +557,6 @@ def test_run_daemon_and_send_action_from_code(daemons):
         stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr
-    import spoon.daemon
-
     pid = daemons.pid()
     port = daemons.port()
     assert daemons.ask(port, "gen") == "1 %d\n" % pid
