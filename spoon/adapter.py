@@ -166,9 +166,13 @@ class GulpProtocol(Protocol):
         addr = getattr(self.transport, "peer_tuple", None)
         if addr is None:
             peer = self.transport.getPeer()
-            addr = (peer.host, peer.port)
-            if getattr(peer, "flowInfo", None) is not None:
+            if getattr(peer, "host", None) is None:
+                # Not an IP endpoint (a UNIX socket): what accept() gives, as socketserver.
+                addr = getattr(peer, "name", None) or ""
+            elif getattr(peer, "flowInfo", None) is not None:
                 addr = (peer.host, peer.port, peer.flowInfo, peer.scopeID)
+            else:
+                addr = (peer.host, peer.port)
         self.client_address = addr
         self.socket = GreenSocket(self)
         factory.connection_started(self)

@@ -427,3 +427,53 @@ def test_privileged_port_and_privilege_drop(twistd):
     assert ask(port)[2] == nobody
     run.signal(signal.SIGTERM)
     run.wait_gone()
+
+
+def _ask_udp(port, timeout=5.0):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(b"hi\n", ("127.0.0.1", port))
+        pid, generation = sock.recvfrom(1024)[0].split()
+        return int(pid), int(generation)
+
+
+@pytest.mark.parametrize("spork", [1, 2])
+def test_udp_server(twistd, spork):
+    run = twistd(["--server", "test_service_apps.UDPGenerationSpork", "-s", str(spork),
+                  "-e", "udp:0:interface=127.0.0.1"])
+    port = run.port()
+    expected = {run.pid} if spork == 1 else None
+    if spork == 2:
+        expected = set(wait_for(lambda: len(_worker_pids(run)) == 2 and _worker_pids(run), 30, what="2 workers"))
+    for generation in (1, 2):
+        seen = {}
+
+        def every_process_answered():
+            answer = _try(_ask_udp, port, 1.0)
+            if answer is not None and answer[1] == generation:
+                seen[answer[0]] = generation
+            return set(seen) >= expected
+
+        wait_for(every_process_answered, 30, interval=0,
+                 what="generation %d from %s (seen %s)" % (generation, expected, seen))
+        run.signal(signal.SIGUSR1)
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
+
+
+def test_single_process_on_any_twisted_endpoint(twistd, workdir):
+    """Without pre-forking any stream endpoint works: here a UNIX socket next to TCP."""
+    path = os.path.join(workdir, "spoon.sock")
+    run = twistd(["--server", "test_service_apps.GenerationSpoon", "-e", "unix:" + path,
+                  "-e", "tcp:0:interface=127.0.0.1"])
+    port = run.port()
+    assert ask(port)[0] == run.pid
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        wait_for(lambda: os.path.exists(path), 10, what="the UNIX socket")
+        sock.connect(path)
+        sock.sendall(b"hi\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert int(sock.recv(100).split()[0]) == run.pid
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
