@@ -277,7 +277,7 @@ def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, log
         if report.startswith("OK"):
             os._exit(0)
         message = report[4:].strip() if report.startswith("ERR") else (
-            "the daemon exited before it was set up"
+            "the daemon did not report that it was set up"
         )
         os.write(2, ("cannot start the daemon: %s\n" % message).encode("utf8", "replace"))
         os._exit(1)

@@ -643,3 +643,27 @@ def test_sentry_dsn_reports_from_the_daemon(daemons):
         collector.shutdown()
         thread.join(timeout=10)
         collector.server_close()
+
+
+DETACH_FAILING = """
+import sys
+import spoon.daemon
+
+spoon.daemon.detach(stdout=sys.argv[1], pidfile=sys.argv[2])
+print("the caller must not get here", file=sys.stderr)
+"""
+
+
+def test_detach_reports_a_failed_set_up_to_the_caller(daemons):
+    script = daemons.dir / "detach_failing.py"
+    script.write_text(DETACH_FAILING)
+    missing = str(daemons.dir / "no-such-dir" / "out.txt")
+    result = subprocess.run(
+        [sys.executable, str(script), missing, daemons.pid_file],
+        cwd=str(daemons.dir), env=daemons.env, capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 1
+    assert "cannot start the daemon: %s: No such file or directory" % missing in result.stderr
+    assert "must not get here" not in result.stderr
+    assert not os.path.exists(daemons.pid_file)
