@@ -521,10 +521,12 @@ def _start(options, klass, out):
     elif workers is not None and workers > 1:
         # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
         # same supervisor, around this server's socket.
-        def serve():
+        def serve_pool():
             from spoon.prefork import Supervisor
 
             Supervisor(server, workers=workers).run()
+
+        serve = serve_pool
     elif is_spork(klass):
         workers = server.prefork
 

@@ -536,6 +536,24 @@ def test_console_script_has_the_same_arguments():
     assert result.stdout.startswith("usage: spoon ")
 
 
+def test_console_script_runs_a_server_class_from_the_current_directory(daemons):
+    script = os.path.join(os.path.dirname(sys.executable), "spoon")
+    if not os.path.exists(script):
+        pytest.skip("the spoon console script is not installed in this environment")
+    env = dict(daemons.env, PYTHONPATH=ROOT)  # probe_servers only importable from the cwd
+    common = dict(cwd=str(daemons.dir), env=env, capture_output=True, text=True, timeout=60,
+                  stdin=subprocess.DEVNULL)
+    result = subprocess.run([script, "probe_servers.ProbeServer", "start", "-p", "probe.pid"],
+                            **common)
+    assert result.returncode == 0, result.stderr
+    pid = daemons.pid()
+    assert daemons.ask(daemons.port(), "gen") == "1 %d\n" % pid
+    result = subprocess.run([script, "probe_servers.ProbeServer", "stop", "-p", "probe.pid"],
+                            **common)
+    assert result.returncode == 0, result.stderr
+    assert not pid_alive(pid) and not os.path.exists(daemons.pid_file)
+
+
 # -- the library functions of the original README ----------------------------------------------
 
 LIBRARY_USE = """
