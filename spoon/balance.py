@@ -7,21 +7,28 @@ wakes up takes every connection waiting in the queue, then runs their handlers o
 other, while its siblings sit idle: with a CPU-bound handler the first worker serves most of
 the requests and clients wait behind it.
 
-This port takes one connection at a time, and not at the moment the socket becomes readable
-but after the other events of the same reactor iteration have been handled (the handlers
-that iteration woke up have run).  A worker busy running a handler therefore never holds a
-connection that an idle worker could have taken; the idle one, asleep in its own poll on the
-same socket, accepts it.  A connection whose handler waits for input costs no CPU and does
-not stop this worker from accepting.
+This port accepts a connection only when this worker is not busy with another one.  It
+keeps accepting in one wake-up only while each accepted connection is done with at once
+(the lean transport reads what already waits and runs the handler before returning): the
+worker was busy meanwhile, but a sibling that was idle had its own chance to take the next
+connection, as it sleeps in its own poll on the same socket.  At the first connection left
+open (its handler waits for input), it stops and polls again.  And when the worker has open
+connections at wake-up, some of them may have become readable in the same iteration, and
+their handlers may keep it busy: it accepts only after them, from a delayed call.  A
+connection whose handler waits for input costs no CPU and does not stop this worker from
+accepting.
 
-It uses only public interfaces: ``IReactorFDSet.addReader`` for the listening socket and
-``IReactorSocket.adoptStreamConnection`` for each accepted connection, so the connections
-get Twisted's own TCP transport.
+With Twisted's own transport (any other factory) the handler never runs at accept time, so
+that port takes exactly one connection per wake-up.
+
+It uses only public interfaces: ``IReactorFDSet.addReader`` for the listening socket; each
+accepted connection is handed to a ``serve(sock, peer)`` callable: spoon's lean transport
+for Gulp servers (:func:`serve_gulp`), ``IReactorSocket.adoptStreamConnection`` (Twisted's
+own TCP transport) for any other factory (:func:`serve_twisted`).
 """
 
 import errno
 import logging
-import os
 import socket
 
 from twisted.internet import defer
@@ -30,8 +37,6 @@ from zope.interface import implementer
 
 _log = logging.getLogger("spoon.balance")
 
-#: accept() errors that mean "out of a resource for now": log, wait a little, try again.
-_TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 #: accept() errors that concern only the one connection being accepted.
 _SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
 RESOURCE_RETRY_DELAY = 0.1
@@ -40,12 +45,17 @@ RESOURCE_RETRY_DELAY = 0.1
 @implementer(IListeningPort, IReadDescriptor)
 class OneByOnePort:
     """Serve ``factory`` on the already listening stream socket ``sock`` (not closed here;
-    the port works on its own duplicate of the descriptor)."""
+    the port works on its own duplicate of the descriptor).  ``serve(conn, peer)`` starts
+    serving one accepted, non-blocking socket; default :func:`serve_twisted`."""
 
-    def __init__(self, sock, factory, reactor):
+    #: Upper bound of connections accepted in one wake-up (each one done with at once).
+    accepts_per_read = 64
+
+    def __init__(self, sock, factory, reactor, serve=None):
         self.factory = factory
         self.reactor = reactor
         self.family = sock.family
+        self.serve = serve or (lambda conn, peer: serve_twisted(conn, peer, factory, reactor))
         self.socket = sock.dup()
         self.socket.setblocking(False)
         self._listening = False
@@ -72,6 +82,8 @@ class OneByOnePort:
         try:
             while self._accept_one():
                 pass
+        except OSError as e:
+            _log.error("accept() failed while draining the queue: %s", e)
         finally:
             self.socket.close()
             self.factory.doStop()
@@ -96,13 +108,18 @@ class OneByOnePort:
         return "OneByOnePort"
 
     def doRead(self):
-        # Not now: first let the reactor finish this iteration (the handlers it woke up may
-        # keep this process busy for a while); an idle sibling worker may take the
-        # connection meanwhile.
-        self._stop_reading()
-        if not self._accept_scheduled:
-            self._accept_scheduled = True
-            self.reactor.callLater(0, self._accept_later)
+        if self._accept_scheduled:
+            return
+        if not self.factory.connections:
+            # Nothing else of ours can be ready in this iteration: accept at once.
+            self._accept_batch()
+            return
+        # Some of our connections may have become readable in this same iteration, and
+        # their handlers may keep this process busy for a while: accept only after them
+        # (an idle sibling worker may take the connection meanwhile).  The socket stays
+        # registered: the next poll comes after the delayed call has run.
+        self._accept_scheduled = True
+        self.reactor.callLater(0, self._accept_later)
 
     def connectionLost(self, reason):
         self._reading = False
@@ -121,43 +138,73 @@ class OneByOnePort:
 
     def _accept_later(self):
         self._accept_scheduled = False
-        if not self._listening:
-            return
+        if self._listening:
+            self._accept_batch()
+
+    def _accept_batch(self):
+        """Accept and serve connections while each one is done with at once (the lean
+        transport reads what waits and runs the handler before returning): this worker
+        was not busy meanwhile, so it took nothing an idle sibling could have had.  Stop
+        at the first connection left open (its handler waits for input or is paused):
+        the next one is for the next poll."""
+        for _ in range(self.accepts_per_read):
+            if not self._listening or not self._accept_now():
+                return
+            if self.factory.connections:
+                return
+
+    def _accept_now(self):
         try:
-            self._accept_one()
+            return self._accept_one()
         except OSError as e:
+            # Out of descriptors or memory: pause instead of spinning on a readable socket.
             _log.error("accept() failed: %s; retrying in %ss", e, RESOURCE_RETRY_DELAY)
+            self._stop_reading()
             self.reactor.callLater(RESOURCE_RETRY_DELAY, self._start_reading)
-            return
-        self._start_reading()
+            return False
 
     def _accept_one(self):
         """Accept one waiting connection and hand it to the factory; False if none waits."""
         while True:
             try:
-                conn, _ = self.socket.accept()
+                conn, peer = self.socket.accept()
             except BlockingIOError:
                 return False
             except OSError as e:
                 if e.errno in _SKIP:
                     continue
-                if e.errno in _TRANSIENT:
-                    raise
-                raise
+                raise  # out of descriptors or memory: the caller waits a little
             break
+        conn.setblocking(False)
         try:
-            conn.setblocking(False)
-            self.reactor.adoptStreamConnection(conn.fileno(), self.family, self.factory)
+            self.serve(conn, peer)
         except Exception:
-            _log.exception("could not start serving an accepted connection")
-        finally:
-            # adoptStreamConnection works on its own duplicate of the descriptor.
+            _log.exception("could not start serving a connection from %s", peer)
             conn.close()
         return True
 
 
-def listen_one_by_one(sock, factory, reactor):
+def serve_twisted(conn, peer, factory, reactor):
+    """Serve an accepted socket on Twisted's own TCP transport (any factory)."""
+    try:
+        reactor.adoptStreamConnection(conn.fileno(), conn.family, factory)
+    finally:
+        # adoptStreamConnection works on its own duplicate of the descriptor.
+        conn.close()
+
+
+def serve_gulp(factory, reactor):
+    """A ``serve`` callable for Gulp factories: spoon's lean transport."""
+    from spoon import lean
+
+    def serve(conn, peer):
+        lean.serve_accepted(conn, peer, factory, reactor)
+
+    return serve
+
+
+def listen_one_by_one(sock, factory, reactor, serve=None):
     """Start a :class:`OneByOnePort` for ``factory`` on ``sock`` and return it."""
-    port = OneByOnePort(sock, factory, reactor)
+    port = OneByOnePort(sock, factory, reactor, serve)
     port.startListening()
     return port

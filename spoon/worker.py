@@ -241,13 +241,14 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds):
 
 
 def _balance_stream_listening(server):
-    """Serve a stream server's socket with :class:`spoon.balance.OneByOnePort` instead of
-    Twisted's port, which would take many connections per wake-up from the shared socket.
+    """Serve a stream server's socket with :class:`spoon.balance.OneByOnePort` (and the
+    lean transport) instead of a port that takes many connections per wake-up from the
+    shared socket.
     Only when the class kept the stock ``_listen`` (a class that listens its own way keeps
     it)."""
     import socket
 
-    from spoon.balance import listen_one_by_one
+    from spoon.balance import listen_one_by_one, serve_gulp
     from spoon.server import _SpoonMixIn
 
     if getattr(type(server), "_listen", None) is not _SpoonMixIn._listen:
@@ -257,7 +258,9 @@ def _balance_stream_listening(server):
 
     def _listen(reactor):
         server._factory = server.protocol_factory(reactor)
-        server._port = listen_one_by_one(server.socket, server._factory, reactor)
+        server._port = listen_one_by_one(
+            server.socket, server._factory, reactor, serve_gulp(server._factory, reactor)
+        )
 
     server._listen = _listen
 

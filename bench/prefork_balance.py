@@ -1,0 +1,229 @@
+"""Balance of a pre-forked pool under a CPU-bound handler.
+
+A TCPSpork with ``--workers`` workers serves a handler that busy-loops ``--busy-ms`` per
+request; ``--clients`` client threads send requests back to back for ``--seconds``.  Prints,
+for each way of accepting connections, the requests completed per worker, max/min, the
+latency percentiles and each worker's CPU use:
+
+- ``twisted``: Twisted's own ``tcp.Port`` (``adoptStreamPort``): many accepts per wake-up;
+- ``lean``: spoon's single-process ``LeanPort`` (up to 64 accepts per wake-up);
+- ``one-by-one``: what Spork workers use (``spoon.balance``): one accept per reactor
+  iteration, after the iteration's work.
+
+Usage: python bench/prefork_balance.py [--seconds 5] [--kinds twisted,lean,one-by-one]
+Prints one line per kind, then a JSON line (``BALANCE_JSON {...}``) for the bench report.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SERVER = r"""
+import os, sys, time
+sys.path.insert(0, %(root)r)
+import spoon.server
+
+BUSY = %(busy)f
+KIND = %(kind)r
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        self.rfile.readline()
+        end = time.perf_counter() + BUSY
+        while time.perf_counter() < end:
+            pass
+        self.wfile.write(b"%%d\n" %% os.getpid())
+
+class Server(spoon.server.TCPSpork):
+    handler_klass = Handler
+    prefork = %(workers)d
+
+    if KIND == "twisted":
+        def _listen(self, reactor):
+            self._factory = self.protocol_factory(reactor)
+            self._port = reactor.adoptStreamPort(
+                self.socket.fileno(), self.address_family, self._factory)
+    elif KIND == "lean":
+        def _listen(self, reactor):
+            from spoon import lean
+            self._factory = self.protocol_factory(reactor)
+            self._port = lean.LeanPort(self.socket, self._factory, reactor)
+            self._port.startListening()
+
+server = Server(("127.0.0.1", 0))
+print("READY", server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_request(port):
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"x\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while True:
+            chunk = s.recv(256)
+            if not chunk:
+                break
+            data += chunk
+    return int(data), time.perf_counter() - start
+
+
+def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
+    """Closed loop (each client sends its next request when it has its reply) or, with
+    ``burst``, rounds in which all clients send at the same moment."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER % dict(root=ROOT, busy=busy_ms / 1000.0, kind=kind, workers=workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        line = proc.stdout.readline().split()
+        port = int(line[1])
+        deadline = time.monotonic() + 15
+        while len(children_of(proc.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pids = children_of(proc.pid)
+        # Warm up: every worker answers once.
+        seen = set()
+        while set(pids) - seen and time.monotonic() < deadline:
+            seen.add(one_request(port)[0])
+        counts = {pid: 0 for pid in pids}
+        latencies = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        errors = []
+
+        barrier = threading.Barrier(clients) if burst else None
+        rounds = []
+
+        def client():
+            while not stop.is_set():
+                if barrier is not None:
+                    try:
+                        if barrier.wait(timeout=30) == 0:
+                            rounds.append(time.perf_counter())
+                    except threading.BrokenBarrierError:
+                        return
+                try:
+                    pid, latency = one_request(port)
+                except Exception as e:  # counted, reported
+                    errors.append(repr(e))
+                    continue
+                with lock:
+                    counts[pid] = counts.get(pid, 0) + 1
+                    latencies.append(latency)
+
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        if barrier is not None:
+            barrier.abort()
+        for t in threads:
+            t.join(timeout=30)
+        elapsed = time.monotonic() - t0
+        cpu = {pid: (cpu_seconds(pid) - cpu0[pid]) / elapsed for pid in pids}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+    latencies.sort()
+    done = [counts[p] for p in pids]
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
+    return {
+        "kind": kind,
+        "workers": workers,
+        "clients": clients,
+        "busy_ms": busy_ms,
+        "seconds": round(elapsed, 2),
+        "per_worker": done,
+        "ratio": (max(done) / min(done)) if min(done) else float("inf"),
+        "req_per_s": round(sum(done) / elapsed, 1),
+        "p50_ms": round(pct(0.5) * 1000, 1) if latencies else None,
+        "p99_ms": round(pct(0.99) * 1000, 1) if latencies else None,
+        "cpu_share": [round(cpu[p], 2) for p in pids],
+        "errors": len(errors),
+        "mode": "burst" if burst else "closed-loop",
+        "round_ms": round(1000 * (rounds[-1] - rounds[0]) / (len(rounds) - 1), 1)
+        if len(rounds) > 1
+        else None,
+        "ideal_round_ms": round(busy_ms * clients / workers, 1) if burst else None,
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--busy-ms", type=float, default=20.0)
+    p.add_argument("--kinds", default="twisted,lean,one-by-one")
+    p.add_argument("--modes", default="closed-loop,burst")
+    args = p.parse_args(argv)
+    results = []
+    for mode in args.modes.split(","):
+        for kind in args.kinds.split(","):
+            r = run(kind, args.seconds, args.clients, args.workers, args.busy_ms, mode == "burst")
+            results.append(r)
+            print(
+                "%-11s %-10s per worker %-12s max/min %.2f  %5.1f req/s  p50 %s ms  p99 %s ms  "
+                "worker CPU %s  round %s ms (ideal %s)  errors %d"
+                % (
+                    mode,
+                    kind,
+                    r["per_worker"],
+                    r["ratio"],
+                    r["req_per_s"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    r["cpu_share"],
+                    r["round_ms"],
+                    r["ideal_round_ms"],
+                    r["errors"],
+                ),
+                flush=True,
+            )
+    print("BALANCE_JSON " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Supervision of a pre-forked pool: dead workers are replaced, a crash loop is slowed
+down, stuck workers are killed, and workers never outlive their supervisor."""
+
+import os
+import signal
+import time
+
+from support import children_of, cpu_seconds, pid_alive, wait_for
+from test_prefork import ask, assert_gone, serving_pids, start_spork
+
+
+def test_killed_worker_is_replaced_within_a_second(server_process):
+    proc = start_spork(server_process, prefork=2)
+    before = set(children_of(proc.pid))
+    serving_pids(proc.port, before)
+    victim = sorted(before)[0]
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    new = wait_for(
+        lambda: set(children_of(proc.pid)) - before, timeout=5, interval=0.005, what="a new worker"
+    )
+    replaced_after = time.monotonic() - killed_at
+    print("worker replaced %.3fs after SIGKILL" % replaced_after)
+    assert replaced_after < 1.0
+    assert not pid_alive(victim)
+    serving_pids(proc.port, (before - {victim}) | new)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    out = proc.read_output()
+    assert "Worker %d died (killed by SIGKILL)" % victim in out
+
+
+CRASHING = """
+import logging, os, sys
+import spoon.server
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                    format="%(asctime)s [%(process)d] %(name)s %(levelname)s: %(message)s")
+FLAG = sys.argv[1]
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%d 0 True\\n" % os.getpid())
+
+class Server(spoon.server.TCPSpork):
+    handler_klass = Handler
+    prefork = 2
+
+    def protocol_factory(self, reactor=None):
+        # Runs in each worker at start-up: a broken deployment.
+        if os.path.exists(FLAG):
+            raise RuntimeError("cannot start")
+        return super().protocol_factory(reactor)
+
+server = Server(("127.0.0.1", 0))
+print("READY", server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_crash_loop_backs_off_to_one_fork_per_second(server_process, tmp_path):
+    flag = tmp_path / "broken"
+    proc = server_process(CRASHING, args=[str(flag)])
+    wait_for(lambda: len(children_of(proc.pid)) == 2, timeout=15)
+    first = set(children_of(proc.pid))
+    serving_pids(proc.port, first)
+    flag.write_text("x")
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    # Watch the forks: after 5 quick deaths in a row, at most one per second.
+    forks = {}  # pid -> first seen
+    start = time.monotonic()
+    while time.monotonic() - start < 5.0:
+        for pid in children_of(proc.pid):
+            forks.setdefault(pid, time.monotonic() - start)
+        time.sleep(0.002)
+    times = sorted(t for pid, t in forks.items() if pid not in first)
+    assert len(times) >= 5, times  # it kept trying
+    # From the sixth fork on, forks are at least ~1 s apart.
+    late = times[5:]
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert all(g > 0.8 for g in gaps), times
+    assert len(times) <= 5 + 6, times  # not spinning: about 5 quick + 1/s
+    # Repaired: the pool serves again.
+    flag.unlink()
+    wait_for(lambda: len(children_of(proc.pid)) == 2 and _serves(proc.port), timeout=15)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    out = proc.read_output()
+    assert "died at start-up: forking at most one worker every 1.0s" in out
+
+
+def _serves(port):
+    try:
+        ask(port, timeout=2)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def test_stuck_workers_are_killed_and_replaced(server_process):
+    """A handler spinning the CPU and one blocked in a call both stop the heartbeat."""
+    import socket
+
+    proc = start_spork(server_process, prefork=2, worker_timeout=1.5)
+    before = set(children_of(proc.pid))
+    serving_pids(proc.port, before)
+    # Two requests that never finish: each one ties up one worker's reactor.
+    hung = []
+    cpu = {pid: cpu_seconds(pid) for pid in before}
+    for command in (b"spin 600", b"block 600"):
+        s = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+        s.sendall(command + b"\n")
+        hung.append(s)
+        if command.startswith(b"spin"):
+            # One worker is now spinning (and cannot accept): the next goes to the other.
+            wait_for(lambda: any(cpu_seconds(p) > cpu[p] + 0.2 for p in before), timeout=10)
+    try:
+        assert_gone(before, timeout=15)
+        wait_for(lambda: len(children_of(proc.pid)) == 2, timeout=10)
+        after = set(children_of(proc.pid))
+        assert not after & before
+        serving_pids(proc.port, after)
+    finally:
+        for s in hung:
+            s.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    out = proc.read_output()
+    for pid in before:
+        assert "Worker %d timed out: no heartbeat" % pid in out, out
+
+
+def test_workers_exit_when_the_master_is_killed(server_process):
+    proc = start_spork(server_process, prefork=3)
+    workers = set(children_of(proc.pid))
+    serving_pids(proc.port, workers)
+    os.kill(proc.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert_gone(workers, timeout=5)
+    gone_after = time.monotonic() - killed_at
+    print("workers gone %.3fs after the master's SIGKILL" % gone_after)
+    assert gone_after < 2.0
