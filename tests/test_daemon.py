@@ -234,14 +234,11 @@ def test_start_serve_reload_stop(daemons):
 
     # One log: server records and Twisted's events, each line with the daemon's pid.
     assert _lines_matching(daemons.log_file, "probe-server", "Starting probe_servers.ProbeServer")
-    assert [p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled 'gen'")] == [
-        pid,
-        pid,
-    ]
-    assert [p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw gen")] == [
-        pid,
-        pid,
-    ]
+    # (the reload was polled for: "gen" was asked at least twice)
+    handled = [p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled 'gen'")]
+    assert len(handled) >= 2 and set(handled) == {pid}
+    seen = [p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw gen")]
+    assert len(seen) == len(handled) and set(seen) == {pid}
     assert _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
     assert _lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
     for line in _log_lines(daemons.log_file):
