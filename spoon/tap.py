@@ -205,7 +205,7 @@ def _set_up_logging(klass):
 
 class SpoonMultiService(service.MultiService):
     """The top service of ``twistd spoon``: owns the serving services and relays twistd's
-    signals to them (USR1 reload, HUP rolling restart).
+    signals to them (USR1 reload, HUP rolling restart, TTIN/TTOU one worker more/fewer).
 
     Handlers are installed once the reactor runs (twistd has set up its log file by then)
     and chain to whatever was installed before, so twistd's SIGUSR1 log rotation keeps
@@ -214,7 +214,7 @@ class SpoonMultiService(service.MultiService):
     own) and chained too.
     """
 
-    RELAYED = (signal.SIGUSR1, signal.SIGHUP)
+    RELAYED = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
     def __init__(self, reactor=None):
         service.MultiService.__init__(self)
@@ -247,7 +247,12 @@ class SpoonMultiService(service.MultiService):
     def _install_signal_handlers(self):
         if not self.running:
             return
-        actions = {signal.SIGUSR1: self.reload, signal.SIGHUP: self.restart_workers}
+        actions = {
+            signal.SIGUSR1: self.reload,
+            signal.SIGHUP: self.restart_workers,
+            signal.SIGTTIN: self.add_worker,
+            signal.SIGTTOU: self.remove_worker,
+        }
         for signum, action in actions.items():
             previous = signal.getsignal(signum)
             self._previous[signum] = previous
@@ -289,6 +294,23 @@ class SpoonMultiService(service.MultiService):
                     child.reload()
             except Exception:
                 self.log.failure("restart failed in {child}", child=child)
+
+    def add_worker(self):
+        """SIGTTIN: one pre-forked worker more."""
+        self._each_pool("add_worker", "SIGTTIN: one worker more")
+
+    def remove_worker(self):
+        """SIGTTOU: one pre-forked worker fewer (never fewer than one)."""
+        self._each_pool("remove_worker", "SIGTTOU: one worker fewer")
+
+    def _each_pool(self, method, what):
+        pools = [child for child in self if isinstance(child, PreforkService)]
+        if not pools:
+            self.log.info("{what}: ignored, no pre-forked pool (--spork 1)", what=what.split(":")[0])
+            return
+        self.log.info("{what}", what=what)
+        for pool in pools:
+            getattr(pool, method)()
 
 
 def makeService(options):

@@ -4,7 +4,7 @@ the supervisor, the workers import this module by its dotted path ``test_service
 Importing it has no side effect: it holds no tests.
 
 Every stream handler answers one line with "<pid> <config generation> <uid>\\n"; a request
-"sleep S" waits S seconds (without blocking the worker) before answering.
+"sleep S" first answers "started\n", then waits S seconds (without blocking the worker).
 """
 
 import os
@@ -20,6 +20,7 @@ class Report(spoon.server.Gulp):
         if line.startswith(b"sleep "):
             from twisted.internet import reactor
 
+            self.wfile.write(b"started\n")
             self.wait(task.deferLater(reactor, float(line.split()[1]), lambda: None))
         if line == b"log":
             self.server.log.info("request logged by the handler")

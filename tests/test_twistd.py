@@ -39,6 +39,36 @@ def ask(port, line=b"hi", host="127.0.0.1", timeout=10.0):
     return int(pid), int(generation), int(uid)
 
 
+class SlowRequest(threading.Thread):
+    """A "sleep S" request in a thread: ``started`` is set once the handler runs (so the
+    request is in flight), ``answer`` is (pid, generation, uid) at the end."""
+
+    def __init__(self, port, seconds):
+        super().__init__(daemon=True)
+        self.port, self.seconds = port, seconds
+        self.started = threading.Event()
+        self.answer = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+                sock.sendall(b"sleep %s\n" % str(self.seconds).encode())
+                sock.shutdown(socket.SHUT_WR)
+                reader = sock.makefile("rb")
+                assert reader.readline() == b"started\n"
+                self.started.set()
+                pid, generation, uid = reader.read().split()
+                self.answer = int(pid), int(generation), int(uid)
+        except Exception as e:
+            self.error = e
+            self.started.set()
+
+    def wait_in_flight(self, timeout=20):
+        assert self.started.wait(timeout), "the slow request never started"
+        assert self.error is None, self.error
+
+
 def _status_uid(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -258,14 +288,12 @@ def test_single_process_foreground_reload_rotate_and_graceful_stop(twistd):
              10, what="the stdlib record in twistd's log with its pid")
 
     # An in-flight request finishes; twistd exits once it has.
-    result = []
-    client = threading.Thread(target=lambda: result.append(ask(port, b"sleep 1.5")))
-    client.start()
-    wait_for(lambda: _connections_open(run.pid) >= 1, 10, what="the slow request to be in flight")
+    client = SlowRequest(port, 1.5)
+    client.wait_in_flight()
     run.signal(signal.SIGTERM)
     seconds = run.wait_gone()
     client.join(15)
-    assert result and result[0][0] == run.pid
+    assert client.answer is not None and client.answer[0] == run.pid, client.error
     assert run.proc.returncode in (0, -signal.SIGTERM)  # twistd re-raises the signal that stopped it
     assert not os.path.exists(run.pidfile)
     print("single-process stop with one in-flight 1.5 s request took %.2fs" % seconds)
@@ -276,26 +304,6 @@ def _try(f, *args):
         return f(*args)
     except OSError:
         return None
-
-
-def _connections_open(pid):
-    """ESTABLISHED TCP sockets of ``pid`` (from /proc/PID/fd and /proc/net/tcp*)."""
-    inodes = set()
-    for fd in os.listdir("/proc/%d/fd" % pid):
-        try:
-            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] in ("01", "08") and fields[9] in inodes:
-                    count += 1
-    return count
 
 
 def test_usr1_handler_installed_before_twistd_still_rotates_and_reloads(twistd, workdir):
@@ -375,6 +383,12 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
     finally:
         load.stop()
     new_workers = _worker_pids(run)
+    # TTIN / TTOU reach the supervisor: one worker more, then one fewer.
+    run.signal(signal.SIGTTIN)
+    wait_for(lambda: len(_worker_pids(run)) == 3, 30, what="3 workers after TTIN")
+    run.signal(signal.SIGTTOU)
+    wait_for(lambda: len(_worker_pids(run)) == 2, 30, what="2 workers after TTOU")
+    new_workers = _worker_pids(run)
     print("HUP under load: %d requests, %d failures" % (load.ok, len(load.failures)))
     assert load.failures == []
     _answers_from(port, new_workers)
@@ -387,16 +401,14 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
         assert re.search(r"pid=\d+\]|\[spoon\.pool\] \S+ \S+ \[\d+\]", line), line
 
     # TERM: graceful stop of everything, in-flight requests included.
-    result = []
-    client = threading.Thread(target=lambda: result.append(ask(port, b"sleep 1")))
-    client.start()
-    wait_for(lambda: any(_connections_open(p) for p in new_workers), 10, what="request in flight")
+    client = SlowRequest(port, 1)
+    client.wait_in_flight()
     run.processes()
     run.signal(signal.SIGTERM)
     seconds = run.wait_gone()
     client.join(15)
     print("TERM stop of twistd + supervisor + 2 workers with a 1 s request in flight: %.2fs" % seconds)
-    assert result and result[0][0] in new_workers
+    assert client.answer is not None and client.answer[0] in new_workers, client.error
     assert not os.path.exists(run.pidfile)
     assert "pool stopped" in run.log()
 
@@ -477,3 +489,14 @@ def test_single_process_on_any_twisted_endpoint(twistd, workdir):
         assert int(sock.recv(100).split()[0]) == run.pid
     run.signal(signal.SIGTERM)
     run.wait_gone()
+
+
+def test_twistd_killed_leaves_no_process(twistd):
+    """Even SIGKILL to twistd: the supervisor has a parent-death signal, its workers too."""
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", "0"])
+    port = run.port()
+    workers = wait_for(lambda: len(_worker_pids(run)) == 2 and _worker_pids(run), 30, what="2 workers")
+    _answers_from(port, workers)
+    run.processes()
+    os.kill(run.pid, signal.SIGKILL)
+    print("after SIGKILL to twistd, every process gone in %.2fs" % run.wait_gone(timeout=10))
