@@ -112,6 +112,8 @@ class Supervisor:
             else getattr(server, "worker_timeout", None) or DEFAULT_WORKER_TIMEOUT
         )
         self.heartbeat_interval = heartbeat_interval(self.worker_timeout)
+        # The workers' own drain limit is the pool's (set before they are forked).
+        server.graceful_timeout = self.graceful_timeout
         self.parent_pid = parent_pid
         self.workers = {}
         self.pid = None
@@ -309,6 +311,12 @@ class Supervisor:
             timeout = min(timeout, self._stop_deadline - now)
         if self._crash_looping and len(self._active()) < self.target:
             timeout = min(timeout, self._last_fork + CRASH_LOOP_FORK_INTERVAL - now)
+        if self._queue:
+            timeout = 0
+        self._poll(timeout)
+
+    def _poll(self, timeout):
+        """Wait up to ``timeout`` seconds for a signal, a heartbeat or a worker's exit."""
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
         by_fd = {}
@@ -316,8 +324,6 @@ class Supervisor:
             if w.fd is not None:
                 poller.register(w.fd, select.POLLIN)
                 by_fd[w.fd] = w
-        if self._queue:
-            timeout = 0
         try:
             events = poller.poll(max(0.0, timeout) * 1000.0)
         except InterruptedError:
@@ -504,6 +510,9 @@ class Supervisor:
             )
 
     def _murder(self):
+        # Beats that arrived while this loop was busy (a long load_config() on HUP, say)
+        # must count before anyone is judged silent.
+        self._poll(0)
         now = time.monotonic()
         for w in list(self.workers.values()):
             if w.killed:

@@ -350,3 +350,47 @@ server.serve_forever()
     ratio = total / single_pss
     print("CoW: single %d KiB, master+4 workers %d KiB, ratio %.2f" % (single_pss, total, ratio))
     assert ratio < 1.5
+
+
+UDP_SPORK = """
+import os
+import spoon.server
+
+class Handler(spoon.server.UDPGulp):
+    def handle(self):
+        self.wfile.write(b"%d" % os.getpid())
+
+class Server(spoon.server.UDPSpork):   # defined in __main__, as in a script
+    handler_klass = Handler
+    prefork = 2
+
+server = Server(("127.0.0.1", 0))
+print("READY", server.server_address[1], flush=True)
+server.serve_forever()
+print("RETURNED", flush=True)
+"""
+
+
+def test_udp_spork_workers_answer_datagrams(server_process):
+    proc = server_process(UDP_SPORK)
+    wait_for(lambda: len(children_of(proc.pid)) == 2, timeout=15)
+    workers = set(children_of(proc.pid))
+    seen = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(1)
+
+        def both_answered():
+            client.sendto(b"?", ("127.0.0.1", proc.port))
+            try:
+                seen.add(int(client.recv(100)))
+            except socket.timeout:
+                pass
+            return workers <= seen
+
+        # Which worker reads a datagram is the kernel's choice: ask until both did.
+        wait_for(both_answered, timeout=20, interval=0, what="datagrams from both workers")
+    assert seen == workers
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert "RETURNED" in proc.read_output()
+    assert_gone(workers)

@@ -1,0 +1,238 @@
+"""``python -m spoon.prefork --fd FD --target PATH``: the supervisor started (fork and exec)
+around an inherited listening socket, as twistd and the embedding service start it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from support import ROOT, children_of, pid_alive, wait_for
+from test_prefork import ask, assert_gone, serving_pids
+
+TARGETS = '''
+import os
+import spoon.server
+from twisted.internet.protocol import DatagramProtocol
+
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%d %d %s\\n" % (os.getpid(), self.server.generation,
+                                           str(self.server.pids is None).encode()))
+
+
+class EchoPool(spoon.server.TCPSpork):
+    handler_klass = Handler
+    prefork = 3
+    generation = 0
+
+    def load_config(self):
+        self.generation += 1
+
+
+def site():
+    """A plain Twisted web site answering with the worker's pid."""
+    from twisted.web import resource, server
+
+    class Pid(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return b"%d" % os.getpid()
+
+    return server.Site(Pid())
+
+
+class PidDatagram(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(b"%d" % os.getpid(), addr)
+
+
+def datagram():
+    return PidDatagram()
+'''
+
+
+@pytest.fixture
+def targets(tmp_path):
+    (tmp_path / "pooltargets.py").write_text(textwrap.dedent(TARGETS))
+    return tmp_path
+
+
+class Pool:
+    """A supervisor process started with an inherited socket; killed by group at the end."""
+
+    def __init__(self, sock, target, path, *args):
+        self.log_path = path / ("pool-%d.log" % sock.fileno())
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(path), ROOT]))
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "spoon.prefork", "--fd", str(sock.fileno()), "--target", target, *args],
+                pass_fds=[sock.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
+
+    def log(self):
+        with open(self.log_path, encoding="utf8", errors="replace") as f:
+            return f.read()
+
+    def kill(self):
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def pools():
+    started = []
+
+    def start(*args, **kwargs):
+        pool = Pool(*args, **kwargs)
+        started.append(pool)
+        return pool
+
+    yield start
+    for pool in started:
+        pool.kill()
+
+
+def _listening(family=socket.AF_INET, host="127.0.0.1"):
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(128)
+    return sock
+
+
+def test_spoon_class_pool_on_inherited_socket(pools, targets):
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.EchoPool", targets)
+    # --workers defaults to the class's prefork (3).
+    wait_for(lambda: len(children_of(pool.pid)) == 3, timeout=20, what="3 workers")
+    workers = set(children_of(pool.pid))
+    seen = serving_pids(port, workers)
+    assert pool.pid not in seen
+    assert ask(port)[2] is True  # pids is None in a worker
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+    assert_gone(workers)
+    log = pool.log()
+    # One line per record, with the pid of the process that wrote it.
+    assert "[%d] spoon-server INFO: Forked worker" % pool.pid in log
+    assert any("[%d]" % w in log for w in workers)
+
+
+def test_workers_option_and_hup(pools, targets):
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.EchoPool", targets, "--workers", "2", "--worker-timeout", "5")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    old = set(children_of(pool.pid))
+    assert set(serving_pids(port, old).values()) == {1}
+    pool.proc.send_signal(signal.SIGHUP)
+    assert_gone(old, timeout=20)
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=10)
+    assert set(serving_pids(port, children_of(pool.pid)).values()) == {2}
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+
+
+def test_twisted_site_pre_forked(pools, targets):
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.site", targets, "--workers", "2", "--graceful-timeout", "5")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    seen = set()
+
+    def fetch():
+        with urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10) as r:
+            seen.add(int(r.read()))
+        return workers <= seen
+
+    wait_for(fetch, timeout=20, interval=0, what="both workers answering HTTP")
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+    assert_gone(workers)
+
+
+def test_udp_factory_pool(pools, targets):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.datagram", targets, "--workers", "2", "--udp")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+
+        def answered():
+            client.sendto(b"?", ("127.0.0.1", port))
+            try:
+                return int(client.recv(100)) in workers
+            except socket.timeout:
+                return False
+
+        wait_for(answered, timeout=20, interval=0.05, what="a datagram answered by a worker")
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+
+
+def test_exits_with_its_parent(targets, tmp_path):
+    """A parent killed with SIGKILL (twistd, say) leaves no supervisor or worker behind."""
+    parent_code = textwrap.dedent(
+        """
+        import os, socket, subprocess, sys, time
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        env = dict(os.environ, PYTHONPATH=%r)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "spoon.prefork", "--fd", str(sock.fileno()),
+             "--target", "pooltargets.EchoPool", "--workers", "2", "--graceful-timeout", "2"],
+            pass_fds=[sock.fileno()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(child.pid, sock.getsockname()[1], flush=True)
+        time.sleep(600)
+        """
+        % os.pathsep.join([str(targets), ROOT])
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        supervisor, port = map(int, parent.stdout.readline().split())
+        wait_for(lambda: len(children_of(supervisor)) == 2, timeout=20)
+        workers = set(children_of(supervisor))
+        serving_pids(port, workers)
+        parent.kill()
+        parent.wait(timeout=10)
+        assert_gone({supervisor, *workers}, timeout=10)
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.stdout.close()
+
+
+def test_bad_target_fails_with_a_message(pools, targets):
+    with _listening() as sock:
+        pool = pools(sock, "pooltargets.NoSuchThing", targets)
+    assert pool.proc.wait(timeout=20) == 2
+    assert "NoSuchThing" in pool.log()
+    assert children_of(pool.pid) == []
