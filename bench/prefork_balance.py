@@ -10,6 +10,12 @@ latency percentiles and each worker's CPU use:
 - ``one-by-one``: what Spork workers use (``spoon.balance``): one accept per reactor
   iteration, after the iteration's work.
 
+Two load shapes: ``closed-loop`` (each client sends its next request when it has its reply)
+and ``burst`` (rounds in which all clients send at the same moment; a round ideally takes
+busy-ms x clients / workers).  "accepts/wake-up" counts the connections accepted in one
+call from the reactor: with Twisted's port they are all held before any is served (that
+is the hoarding); with spoon's ports each one is served before the next accept.
+
 Usage: python bench/prefork_balance.py [--seconds 5] [--kinds twisted,lean,one-by-one]
 Prints one line per kind, then a JSON line (``BALANCE_JSON {...}``) for the bench report.
 """
@@ -34,13 +40,38 @@ import spoon.server
 BUSY = %(busy)f
 KIND = %(kind)r
 
+# Instrumentation (this benchmark only): how many connections each wake-up of the
+# listening socket accepted.
+import spoon.adapter, spoon.balance, spoon.lean
+from twisted.internet import tcp
+built = [0]
+batches = []
+_build = spoon.adapter.GulpFactory.buildProtocol
+def buildProtocol(self, addr):
+    built[0] += 1
+    return _build(self, addr)
+spoon.adapter.GulpFactory.buildProtocol = buildProtocol
+def counted(method):
+    def wrapper(self, *args):
+        before = built[0]
+        try:
+            return method(self, *args)
+        finally:
+            if built[0] > before:
+                batches.append(built[0] - before)
+    return wrapper
+tcp.Port.doRead = counted(tcp.Port.doRead)
+spoon.lean.LeanPort.doRead = counted(spoon.lean.LeanPort.doRead)
+spoon.balance.OneByOnePort.doRead = counted(spoon.balance.OneByOnePort.doRead)
+spoon.balance.OneByOnePort._accept_later = counted(spoon.balance.OneByOnePort._accept_later)
+
 class Handler(spoon.server.Gulp):
     def handle(self):
         self.rfile.readline()
         end = time.perf_counter() + BUSY
         while time.perf_counter() < end:
             pass
-        self.wfile.write(b"%%d\n" %% os.getpid())
+        self.wfile.write(b"%%d %%d %%d\n" %% (os.getpid(), max(batches or [0]), len(batches)))
 
 class Server(spoon.server.TCPSpork):
     handler_klass = Handler
@@ -95,7 +126,8 @@ def one_request(port):
             if not chunk:
                 break
             data += chunk
-    return int(data), time.perf_counter() - start
+    pid, max_batch, wakeups = map(int, data.split())
+    return pid, time.perf_counter() - start, max_batch, wakeups
 
 
 def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
@@ -119,6 +151,7 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
         while set(pids) - seen and time.monotonic() < deadline:
             seen.add(one_request(port)[0])
         counts = {pid: 0 for pid in pids}
+        batch, wake = {}, {}
         latencies = []
         lock = threading.Lock()
         stop = threading.Event()
@@ -136,13 +169,15 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
                     except threading.BrokenBarrierError:
                         return
                 try:
-                    pid, latency = one_request(port)
+                    pid, latency, max_batch, wakeups = one_request(port)
                 except Exception as e:  # counted, reported
                     errors.append(repr(e))
                     continue
                 with lock:
                     counts[pid] = counts.get(pid, 0) + 1
                     latencies.append(latency)
+                    batch[pid] = max(batch.get(pid, 0), max_batch)
+                    wake[pid] = max(wake.get(pid, 0), wakeups)
 
         cpu0 = {pid: cpu_seconds(pid) for pid in pids}
         t0 = time.monotonic()
@@ -182,6 +217,8 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
         "p99_ms": round(pct(0.99) * 1000, 1) if latencies else None,
         "cpu_share": [round(cpu[p], 2) for p in pids],
         "errors": len(errors),
+        "max_accepts_per_wakeup": max(batch.values() or [0]),
+        "mean_accepts_per_wakeup": round(sum(done) / max(1, sum(wake.values())), 2),
         "mode": "burst" if burst else "closed-loop",
         "round_ms": round(1000 * (rounds[-1] - rounds[0]) / (len(rounds) - 1), 1)
         if len(rounds) > 1
@@ -205,21 +242,11 @@ def main(argv=None):
             r = run(kind, args.seconds, args.clients, args.workers, args.busy_ms, mode == "burst")
             results.append(r)
             print(
-                "%-11s %-10s per worker %-12s max/min %.2f  %5.1f req/s  p50 %s ms  p99 %s ms  "
-                "worker CPU %s  round %s ms (ideal %s)  errors %d"
-                % (
-                    mode,
-                    kind,
-                    r["per_worker"],
-                    r["ratio"],
-                    r["req_per_s"],
-                    r["p50_ms"],
-                    r["p99_ms"],
-                    r["cpu_share"],
-                    r["round_ms"],
-                    r["ideal_round_ms"],
-                    r["errors"],
-                ),
+                "%(mode)-11s %(kind)-10s per worker %(per_worker)-12s max/min %(ratio).2f  "
+                "%(req_per_s)5.1f req/s  p50 %(p50_ms)s ms  p99 %(p99_ms)s ms  "
+                "worker CPU %(cpu_share)s  round %(round_ms)s ms (ideal %(ideal_round_ms)s)  "
+                "accepts/wake-up max %(max_accepts_per_wakeup)d mean %(mean_accepts_per_wakeup).2f  "
+                "errors %(errors)d" % dict(r, per_worker=str(r["per_worker"]), cpu_share=str(r["cpu_share"])),
                 flush=True,
             )
     print("BALANCE_JSON " + json.dumps(results))
