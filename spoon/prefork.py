@@ -190,7 +190,8 @@ class Supervisor:
     def request_stop(self, graceful=True):
         """Stop the pool (any thread); from another thread than the loop's, wait until the
         loop has returned, as socketserver's shutdown() does."""
-        self.request(signal.SIGTERM if graceful else signal.SIGINT)
+        self._queue.append(self.handle_term if graceful else self.handle_int)
+        self._wake()
         thread = self._loop_thread
         if thread is not None and thread != threading.get_ident():
             self._done.wait()
@@ -296,7 +297,7 @@ class Supervisor:
     def _drain_signals(self):
         while self._queue:
             signum = self._queue.popleft()
-            handler = self._handlers.get(signum)
+            handler = signum if callable(signum) else self._handlers.get(signum)
             if handler is None:
                 continue
             try:
