@@ -67,11 +67,14 @@ if len(sys.argv) > 4:
             time.sleep(0.02)
         server.shutdown()
         print("SHUTDOWN RETURNED", flush=True)
-    threading.Thread(target=shutdown_when_flagged, daemon=True).start()
+    stopper = threading.Thread(target=shutdown_when_flagged, daemon=True)
+    stopper.start()
 
 print("READY", server.server_address[1], os.getpid(), flush=True)
 server.serve_forever()
 print("RETURNED pids=%r" % (server.pids,), flush=True)
+if len(sys.argv) > 4:
+    stopper.join(10)
 """
 
 
