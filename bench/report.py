@@ -119,6 +119,20 @@ def targets(results):
         rows.append(("large transfer peak RSS growth (%s)" % results["peers"].get(peer, {}).get("label", peer),
                      "< 32 MiB", "–" if g is None else "%.1f MiB (%d MiB each way)" % (g / 1024, mib),
                      verdict, "" if ok or ok is None else "transfer failed"))
+    pre = results.get("prefork") or {}
+    bal = (pre.get("balance") or {}).get("data")
+    if bal:
+        mine = [r for r in bal if r.get("kind") == "one-by-one"]
+        worst = max((r.get("ratio") or float("inf")) for r in mine) if mine else None
+        rows.append(("pre-fork balance, Spork accept (prefork_balance.py, worst load shape)",
+                     "≤ 1.5", _f(worst, "%.2f"),
+                     "pending" if worst is None else ("met" if worst <= 1.5 else "not met"), "issue 3"))
+    cow = (pre.get("cow") or {}).get("data")
+    if cow:
+        ratio = cow.get("ratio")
+        rows.append(("copy-on-write: PSS of supervisor + %s workers vs one process, %s MiB config"
+                     % (cow.get("workers"), cow.get("mib")), "< 1.5x", _f(ratio, "%.2fx"),
+                     "pending" if ratio is None else ("met" if ratio < 1.5 else "not met"), "issue 3"))
     return rows
 
 
@@ -329,6 +343,7 @@ def markdown(results, plots):
                       "peak RSS growth MiB", "complete"], rows))
     md.append(_notes(results, "large"))
 
+    md.append(_prefork_md(results))
     md.append("## Plots\n")
     if plots:
         for p in plots:
@@ -341,6 +356,41 @@ def markdown(results, plots):
                       for name, e in _peers(results)]))
     md.append("")
     return "\n".join(md)
+
+
+def _prefork_md(results):
+    pre = results.get("prefork")
+    if not pre:
+        return ""
+    md = ["## Pre-fork: accept balance and copy-on-write\n"]
+    bal = pre.get("balance") or {}
+    if "data" in bal:
+        md.append("`bench/prefork_balance.py %s`: a TCPSpork with a 20 ms CPU-bound handler, "
+                  "requests per worker for each way of accepting (*one-by-one* is what Spork "
+                  "workers use).\n" % bal.get("args", ""))
+        rows = []
+        for r in bal["data"]:
+            rows.append((r.get("mode"), r.get("kind"), " / ".join(map(str, r.get("per_worker", []))),
+                         _f(r.get("ratio"), "%.2f"), _f(r.get("req_per_s")), _f(r.get("p99_ms")),
+                         _f(r.get("round_ms"), "%.1f") + (" (ideal %s)" % _f(r.get("ideal_round_ms"), "%.0f")
+                                                         if r.get("ideal_round_ms") else "")))
+        md.append(_table(["load", "accept", "per worker", "max/min", "req/s", "p99 ms",
+                          "burst round ms"], rows))
+        md.append("")
+    else:
+        md.append("Balance: %s\n" % bal.get("error", "not run"))
+    cow = pre.get("cow") or {}
+    if "data" in cow:
+        d = cow["data"]
+        md.append("`bench/prefork_cow.py %s`: PSS of one process that loaded %s MiB of "
+                  "configuration: %.1f MiB; supervisor + %s workers: %s MiB in total (%s); ratio "
+                  "**%.2f**.\n" % (
+                      cow.get("args", ""), d.get("mib"), d.get("single_kib", 0) / 1024, d.get("workers"),
+                      _f(sum(d.get("pool_kib", [])) / 1024), ", ".join(_f(k / 1024) for k in d.get("pool_kib", [])),
+                      d.get("ratio") or 0))
+    else:
+        md.append("Copy-on-write: %s\n" % cow.get("error", "not run"))
+    return "\n".join(md) + "\n"
 
 
 # -- plots ------------------------------------------------------------------------------------
@@ -374,6 +424,8 @@ def plots(results, outdir):
     # 1 and 2: throughput and p99 against concurrency
     for scenario, extra, title in (("short", False, "Short connections"),
                                    ("pingpong", True, "Persistent ping-pong")):
+        if not any(e.get(scenario) for name, e in peers):
+            continue
         cols = 3 if extra else 2
         fig, axes = plt.subplots(1, cols, figsize=(5.5 * cols, 4.5))
         for name, e in peers:

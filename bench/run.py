@@ -23,7 +23,7 @@ import report  # noqa: E402
 import scenarios  # noqa: E402
 from peers import OUT, PEERS, ROOT, Server, log  # noqa: E402
 
-SCENARIOS = ["short", "pingpong", "slowloris", "cpu", "memory", "large"]
+SCENARIOS = ["short", "pingpong", "slowloris", "cpu", "memory", "large", "prefork"]
 
 
 def machine():
@@ -192,6 +192,9 @@ def main(argv=None):
                 # e.g. a Spork that did not fork: its numbers are not the Spork's.
                 entry["status"] = "pending: " + "; ".join(entry["notes"])
         results["peers"][p.name] = entry
+    if "prefork" in args.scenario_names:
+        log("pre-fork balance and copy-on-write (bench/prefork_*.py)")
+        results["prefork"] = scenarios.prefork_extras(s)
     results["elapsed_s"] = time.monotonic() - t0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -359,3 +359,40 @@ def ceiling(s):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- the pre-fork engineer's standalone scripts -----------------------------------------------
+
+
+def _json_line(text, prefix):
+    for line in reversed(text.splitlines()):
+        if line.startswith(prefix + " "):
+            return json.loads(line[len(prefix) + 1:])
+    return None
+
+
+def prefork_extras(s):
+    """bench/prefork_balance.py and bench/prefork_cow.py, when they exist: each prints its
+    figures and a ``NAME_JSON {...}`` line that goes into the report."""
+    out = {}
+    scripts = (
+        ("balance", "prefork_balance.py", ["--seconds", "1" if s.quick else "2"], "BALANCE_JSON"),
+        ("cow", "prefork_cow.py", ["--mib", "50" if s.quick else "200", "--workers", "4"], "COW_JSON"),
+    )
+    for name, script, args, prefix in scripts:
+        path = os.path.join(HERE, script)
+        if not os.path.exists(path):
+            out[name] = {"error": "pending: bench/%s is not there yet" % script}
+            continue
+        try:
+            r = subprocess.run([sys.executable, path, *args], capture_output=True, text=True,
+                               timeout=180, cwd=os.path.dirname(HERE))
+            data = _json_line(r.stdout, prefix)
+            if r.returncode != 0 or data is None:
+                raise RuntimeError("exit %s: %s" % (r.returncode, (r.stderr or r.stdout)[-500:]))
+            out[name] = {"data": data, "args": " ".join(args)}
+            log("  %s: %s" % (script, [l for l in r.stdout.splitlines() if not l.startswith(prefix)][-3:]))
+        except Exception as e:
+            log("  %s failed: %s" % (script, e))
+            out[name] = {"error": str(e).splitlines()[0][:300] if str(e) else repr(e)}
+    return out
