@@ -500,3 +500,17 @@ def test_twistd_killed_leaves_no_process(twistd):
     run.processes()
     os.kill(run.pid, signal.SIGKILL)
     print("after SIGKILL to twistd, every process gone in %.2fs" % run.wait_gone(timeout=10))
+
+
+def test_prefork_on_two_endpoints_runs_a_pool_per_socket(twistd):
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-s", "2",
+                  "-e", "tcp:0:interface=127.0.0.1", "-e", "tcp6:0:interface=\\:\\:1"])
+    wait_for(lambda: len(re.findall(r"started supervisor pid", run.log())) == 2, 30, what="2 supervisors")
+    ports = [int(p) for p in re.findall(r"on tcp \[?[^\s\]]*\]?:(\d+)", run.log())]
+    assert len(ports) == 2
+    workers = wait_for(lambda: len(_worker_pids(run)) == 4 and _worker_pids(run), 30, what="2 workers per pool")
+    assert wait_for(lambda: _try(ask, ports[0]), 20, what="an IPv4 answer")[0] in workers
+    assert wait_for(lambda: _try(ask, ports[1], b"hi", "::1"), 20, what="an IPv6 answer")[0] in workers
+    run.processes()
+    run.signal(signal.SIGTERM)
+    print("TERM stop of twistd + 2 supervisors + 4 idle workers: %.2fs" % run.wait_gone())
