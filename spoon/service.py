@@ -20,6 +20,7 @@ see :mod:`spoon.tap`) or call ``startService``/``stopService`` yourself.
 import importlib
 import inspect
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,7 +28,7 @@ import sys
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 __all__ = [
     "TargetError",
@@ -260,19 +261,55 @@ class _LineRelay:
             self._emit(text)
 
 
+#: A record as the supervisor and its workers write it ("[pid] logger LEVEL: message",
+#: after an optional timestamp, which the relay drops: the event gets its own).
+_RECORD = re.compile(
+    r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)?\s+)?"
+    r"\[(\d+)\]\s+(\S+)\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s?(.*)$"
+)
+_LEVELS = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARNING": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "CRITICAL": LogLevel.critical,
+}
+
+
 class _SupervisorProtocol(ProcessProtocol):
-    """The service's side of one supervisor process: relays its output, reports its end."""
+    """The service's side of one supervisor process: relays its output, reports its end.
+
+    A line in the pool's record format becomes an event of that logger, level and pid
+    (shown as "[logger#level pid=N]", like the host process's own lines); the lines that
+    follow it without a header of their own (a traceback) are the same record's; any other
+    line is relayed as it is, under "spoon.pool".
+    """
 
     def __init__(self, service, log):
         self.service = service
         self.started_at = service.reactor.seconds()
-        self.relays = {fd: _LineRelay(self._line) for fd in (1, 2)}
+        self.relays = {fd: _LineRelay(lambda text, fd=fd: self._line(fd, text)) for fd in (1, 2)}
         self.log = log
         self.pid = None
+        self._last = {}  # per descriptor: (logger, level, pid) of the last record header
 
-    def _line(self, text):
-        # The supervisor and its workers put their own pid in every line they write.
-        self.log.info("{line}", line=text, log_system="spoon.pool", spoon_pid_in_text=True)
+    def _line(self, fd, text):
+        match = _RECORD.match(text)
+        if match is not None:
+            pid, name, level_name, text = match.groups()
+            self._last[fd] = (name, _LEVELS[level_name], pid)
+        last = self._last.get(fd)
+        if last is None:
+            self.log.info("{line}", line=text, log_system="spoon.pool", spoon_pid_in_text=True)
+            return
+        name, level, pid = last
+        Logger(namespace=name).emit(
+            level,
+            "{line}",
+            line=text,
+            log_system="%s#%s pid=%s" % (name, level.name, pid),
+            spoon_pid_in_text=True,
+        )
 
     def childDataReceived(self, childFD, data):
         relay = self.relays.get(childFD)

@@ -116,7 +116,7 @@ def test_pool_of_a_spoon_server_in_a_running_reactor(server_process):
     output = _stop_and_check_nothing_left(program, [supervisor, new_supervisor])
     # Worker log lines reach the embedding program's log, one event per line, with pids.
     for pid in workers:
-        assert "[%d] gen-server INFO: config generation 2" % pid in output, output
+        assert "[gen-server#info pid=%d] config generation 2" % pid in output, output
     assert "supervisor pid %d killed by signal 9" % supervisor in output, output
 
 

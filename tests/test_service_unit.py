@@ -7,7 +7,7 @@ import socket
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from spoon.service import (
@@ -172,6 +172,24 @@ def test_spawns_supervisor_with_the_bound_socket_and_options(events):
         assert lines == ["[1001] worker: hello", "[1002] second"]
     finally:
         svc.stopService()
+
+
+def test_pool_records_become_events_of_their_logger_level_and_pid(events):
+    reactor = ProcessReactor()
+    svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
+    svc.startService()
+    protocol = reactor.spawned[0][0]
+    protocol.childDataReceived(2, b"2026-11-24 06:10:19,164 [8424] gen-server INFO: generation 1\n")
+    protocol.childDataReceived(2, b"[8425] spoon.worker ERROR: boom\nTraceback (most recent call last):\n")
+    protocol.childDataReceived(1, b"a print\n")
+    svc.stopService()
+    relayed = [e for e in events if e.get("spoon_pid_in_text")]
+    assert [(e["log_namespace"], e["log_level"], e["log_system"], _text(e)) for e in relayed] == [
+        ("gen-server", LogLevel.info, "gen-server#info pid=8424", "generation 1"),
+        ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "boom"),
+        ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "Traceback (most recent call last):"),
+        ("spoon.pool", LogLevel.info, "spoon.pool", "a print"),
+    ]
 
 
 def test_unexpected_exit_restarts_with_back_off(events):

@@ -396,9 +396,9 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
     # Every line in the log carries a pid: twistd's own and the pool's relayed ones.
     text = open(run.logfile).read() + open(run.logfile + ".1").read()
     for worker_pid in workers:
-        assert re.search(r"\[%d\] gen-server INFO: config generation 2" % worker_pid, text), text
+        assert "[gen-server#info pid=%d] config generation 2" % worker_pid in text, text
     for line in text.splitlines():
-        assert re.search(r"pid=\d+\]|\[spoon\.pool\] \S+ \S+ \[\d+\]", line), line
+        assert re.search(r"^\S+ \[\S+ pid=\d+\] ", line), line
 
     # TERM: graceful stop of everything, in-flight requests included.
     client = SlowRequest(port, 1)
