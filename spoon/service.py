@@ -808,7 +808,7 @@ class ServeService(service.Service):
                         self.protocols.append(protocol)
                         port = reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol)
                     else:
-                        port = reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+                        port = self._listen_stream(sock)
                 finally:
                     sock.close()  # the reactor holds its own duplicate
                 self.ports.append(port)
@@ -823,6 +823,17 @@ class ServeService(service.Service):
             self._stop_listening()
             self._listening = False
             raise
+
+    def _listen_stream(self, sock):
+        """Gulp servers get spoon's lean transport, as under ``serve_forever()``; any
+        other factory a server class returns gets Twisted's own."""
+        from spoon import adapter, lean
+
+        if isinstance(self.factory, adapter.GulpFactory):
+            port = lean.LeanPort(sock, self.factory, self.reactor, log=self.server.log)
+            port.startListening()
+            return port
+        return self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
 
     def _listen_endpoint(self, description):
         from twisted.internet.endpoints import serverFromString
