@@ -117,6 +117,29 @@ def assert_gone(pids, timeout=10.0):
     wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=timeout, what="%s gone" % pids)
 
 
+def output_so_far(proc):
+    """Lines a ServerProcess printed so far (reads its output pipe without blocking, which
+    also keeps a chatty server from filling the pipe)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.proc.stdout, selectors.EVENT_READ)
+    chunks = []
+    try:
+        while sel.select(0):
+            chunk = os.read(proc.proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        sel.close()
+    text = proc._pending + b"".join(chunks)
+    lines = text.split(b"\n")
+    proc._pending = lines.pop()
+    proc.output.extend(line.decode("utf8", "replace") for line in lines)
+    return proc.output
+
+
 class Load:
     """Client threads sending requests in a loop; counts what succeeded and what failed.
 

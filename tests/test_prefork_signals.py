@@ -8,7 +8,7 @@ import time
 import pytest
 
 from support import children_of, pid_alive, wait_for
-from test_prefork import Load, ask, assert_gone, serving_pids, start_spork
+from test_prefork import Load, ask, assert_gone, output_so_far, serving_pids, start_spork
 
 
 def _send(port, command):
@@ -178,28 +178,11 @@ def test_ttin_ttou_change_the_worker_count_never_below_one(server_process):
     last = children_of(proc.pid)
     # Never below one: the signal is logged and ignored.
     proc.signal(signal.SIGTTOU)
-    wait_for(lambda: "SIGTTOU ignored" in "\n".join(_drain(proc)), timeout=10)
+    wait_for(lambda: "SIGTTOU ignored" in "\n".join(output_so_far(proc)), timeout=10)
     assert children_of(proc.pid) == last
     serving_pids(proc.port, last)
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
-
-
-def _drain(proc):
-    """Lines the server printed so far (non-blocking read of its output pipe)."""
-    import selectors
-
-    sel = selectors.DefaultSelector()
-    sel.register(proc.proc.stdout, selectors.EVENT_READ)
-    chunks = []
-    while sel.select(0):
-        chunk = os.read(proc.proc.stdout.fileno(), 65536)
-        if not chunk:
-            break
-        chunks.append(chunk.decode("utf8", "replace"))
-    sel.close()
-    proc.output.extend("".join(chunks).splitlines())
-    return proc.output
 
 
 def test_term_to_one_worker_drains_it_and_master_replaces_it(server_process):
