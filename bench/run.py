@@ -144,6 +144,7 @@ def main(argv=None):
         "revision": git_revision(),
         "versions": {
             "python": platform.python_version(),
+            "spoon (ours)": _dist_version("spoon"),
             "Twisted": _dist_version("Twisted"),
             "greenlet": _dist_version("greenlet"),
             "zope.interface": _dist_version("zope.interface"),
@@ -163,7 +164,7 @@ def main(argv=None):
             if p.env == name and err:
                 p.unavailable = err
     if envs.get("spoon106"):
-        results["versions"]["spoon 1.0.6"] = peers_mod.env_version(envs["spoon106"], "spoon")
+        results["versions"]["original spoon"] = peers_mod.env_version(envs["spoon106"], "spoon")
     if envs.get("gevent"):
         results["versions"]["gevent"] = peers_mod.env_version(envs["gevent"], "gevent")
         results["versions"]["gevent's greenlet"] = peers_mod.env_version(envs["gevent"], "greenlet")
