@@ -460,7 +460,15 @@ class Supervisor:
             server.pids = None
             server._supervisor = None
             self._queue.clear()
-            worker.run_worker(server, write_fd, self.pid, self.heartbeat_interval, close)
+            worker.run_worker(
+                server,
+                write_fd,
+                self.pid,
+                self.heartbeat_interval,
+                close,
+                # Tracebacks of a stuck worker reach the log shortly before it is killed.
+                dump_after=max(self.worker_timeout - 2 * self.heartbeat_interval, self.worker_timeout * 0.6),
+            )
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
         w = WorkerRecord(pid, read_fd, now)

@@ -6,6 +6,7 @@ reactor (so a worker stuck in a handler is noticed) and dying with its superviso
 orphan keeps serving after the master is gone).
 """
 
+import faulthandler
 import logging
 import os
 import signal
@@ -141,11 +142,12 @@ class Heartbeat:
     READY = b"R"
     BEAT = b"."
 
-    def __init__(self, fd, interval, master_pid, on_orphaned):
+    def __init__(self, fd, interval, master_pid, on_orphaned, dump_after=None):
         self.fd = fd
         self.interval = interval
         self.master_pid = master_pid
         self.on_orphaned = on_orphaned
+        self.dump_after = dump_after
         self._loop = None
         self._first = True
         self._orphaned = False
@@ -160,8 +162,22 @@ class Heartbeat:
     def stop(self):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self.dump_after:
+            faulthandler.cancel_dump_traceback_later()
+
+    def _arm_dump(self):
+        """If no beat comes within ``dump_after`` seconds, a watchdog thread writes every
+        thread's traceback to stderr: the supervisor is about to kill this worker as stuck,
+        and the log then shows where it was stuck (even in a CPU loop or a blocking call,
+        which a Python-level handler could not interrupt)."""
+        try:
+            faulthandler.dump_traceback_later(self.dump_after, repeat=False, file=sys.stderr, exit=False)
+        except (ValueError, AttributeError, OSError, RuntimeError):
+            self.dump_after = None  # no usable stderr
 
     def beat(self):
+        if self.dump_after:
+            self._arm_dump()
         if os.getppid() != self.master_pid:
             self._orphan("parent %d is gone" % self.master_pid)
             return
@@ -181,12 +197,12 @@ class Heartbeat:
         self.on_orphaned(why)
 
 
-def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=()):
+def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(), dump_after=None):
     """Body of a forked worker: serve ``server`` (its socket inherited) until stopped, then
     exit the process.  Never returns."""
     code = 1
     try:
-        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds)
+        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -199,7 +215,7 @@ def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(
         os._exit(code)
 
 
-def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds):
+def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after):
     from spoon.reactors import reactor_for_serving
     from spoon.server import _SpoonMixIn
 
@@ -232,7 +248,7 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds):
         reactor.callLater(1.0, os._exit, 1)
         server._begin_stop(False)
 
-    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned)
+    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned, dump_after)
     reactor.callWhenRunning(heartbeat.start, reactor)
     _balance_stream_listening(server)
     _SpoonMixIn.serve_forever(server)

@@ -2,6 +2,7 @@
 down, stuck workers are killed, and workers never outlive their supervisor."""
 
 import os
+import re
 import signal
 import time
 
@@ -141,6 +142,8 @@ def test_stuck_workers_are_killed_and_replaced(server_process):
     out = proc.read_output()
     for pid in before:
         assert "Worker %d timed out: no heartbeat" % pid in out, out
+    # Where they were stuck (the spin loop, the sleep) was dumped before the kill.
+    assert len(re.findall(r'File "<string>", line \d+ in handle', out)) >= 2, out
 
 
 def test_workers_exit_when_the_master_is_killed(server_process):
