@@ -57,6 +57,7 @@ def report_pids():
     while len(server.pids or ()) < server.prefork:
         time.sleep(0.01)
     print("PIDS", " ".join(map(str, server.pids)), flush=True)
+    print("MASTER REACTOR", "twisted.internet.reactor" in sys.modules, flush=True)
 
 threading.Thread(target=report_pids, daemon=True).start()
 
@@ -221,6 +222,8 @@ def test_workers_serve_and_pids_lists_them(server_process):
     out = proc.read_output()
     pids_line = [line for line in out.splitlines() if line.startswith("PIDS ")][0]
     assert set(map(int, pids_line.split()[1:])) == workers
+    # The supervisor never imported (installed) a reactor.
+    assert "MASTER REACTOR False" in out
     assert "RETURNED pids=[]" in out
     assert_gone(workers)
 
