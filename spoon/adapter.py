@@ -353,6 +353,22 @@ class GulpProtocol(Protocol):
             self._wait_for_input()
         return self._take(n)
 
+    def buffered_line(self):
+        """The next line if the buffer already holds it whole, else None (no waiting)."""
+        buf = self._buf
+        i = buf.find(b"\n", 0, self._max_line)
+        if i < 0 or self._reading_paused:
+            return None
+        i += 1
+        if i == len(buf):
+            line = bytes(buf)
+            buf.clear()
+        else:
+            line = bytes(buf[:i])
+            del buf[:i]
+        self._scan = 0
+        return line
+
     def readline(self, size=-1):
         limit = self._max_line
         explicit = size is not None and size >= 0
@@ -527,7 +543,12 @@ class GreenReader(_GreenFile):
         return self._proto.recv(size if size and size > 0 else WRITE_CHUNK)
 
     def readline(self, size=-1):
-        return self._proto.readline(size)
+        proto = self._proto
+        if size == -1:
+            line = proto.buffered_line()
+            if line is not None:
+                return line
+        return proto.readline(size)
 
     def readlines(self, hint=-1):
         lines = []
@@ -551,9 +572,12 @@ class GreenReader(_GreenFile):
         return self
 
     def __next__(self):
-        line = self._proto.readline()
-        if not line:
-            raise StopIteration
+        proto = self._proto
+        line = proto.buffered_line()
+        if line is None:
+            line = proto.readline()
+            if not line:
+                raise StopIteration
         return line
 
 
@@ -567,9 +591,21 @@ class GreenWriter(_GreenFile):
         return True
 
     def write(self, data):
+        proto = self._proto
+        if (
+            proto._producer_registered
+            and not proto._writes_paused
+            and not proto._closed
+            and not self.closed
+            and type(data) is bytes
+            and len(data) <= WRITE_CHUNK
+        ):
+            # The common case, without the checks and slicing of sendall().
+            proto.transport.write(data)
+            return len(data)
         if self.closed:
             raise ValueError("write to closed file")
-        self._proto.sendall(data)
+        proto.sendall(data)
         return len(data)
 
     def writelines(self, lines):
