@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(PY) setup.cfg pyproject.toml
 	touch $@ $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m spoon.examples --port 30111
+	$(VENV)/bin/twistd -n --pidfile= spoon --server spoon.examples.EchoServer --port 30111
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
