@@ -41,8 +41,9 @@ from spoon.server import _SpoonMixIn, using_socket
 
 __all__ = ["Supervisor", "FactoryServer", "DatagramFactoryServer", "main"]
 
-#: A worker that dies within this many seconds of its birth died "at start-up".
-QUICK_DEATH = 2.0
+#: A worker that dies before it serves, or within this many seconds of its birth, died
+#: "at start-up".
+QUICK_DEATH = 1.0
 #: After this many start-up deaths in a row, fork at most one worker per second.
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_FORK_INTERVAL = 1.0
@@ -506,7 +507,7 @@ class Supervisor:
             self.log.info("Worker %d exited (%s)", pid, how)
             return
         self.log.warning("Worker %d died (%s) after %.1fs; replacing it", pid, how, lifetime)
-        if w.killed or lifetime >= QUICK_DEATH:
+        if w.killed or (w.ready and lifetime >= QUICK_DEATH):
             self._quick_deaths = 0
             return
         self._quick_deaths += 1
