@@ -39,7 +39,8 @@ def _holder(sock, workers):
             fields = line.split()
             lport = int(fields[1].split(":")[1], 16)
             rport = int(fields[2].split(":")[1], 16)
-            if lport == server_port and rport == local:
+            # (TIME_WAIT leftovers of earlier connections have no inode: skip them.)
+            if lport == server_port and rport == local and fields[9] != "0":
                 inode = fields[9]
     if inode is None:
         return None
