@@ -146,9 +146,23 @@ def feature_ready(feature, py):
     return None
 
 
+def _die_with_parent():
+    """Ask the kernel to kill this (about to exec) child if the bench runner dies, so an
+    interrupted run leaves no server behind (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _preexec(cpus):
     def run():
         import resource
+
+        _die_with_parent()
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         try:

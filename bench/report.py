@@ -59,7 +59,9 @@ def targets(results):
     rows = []
     spork_ok = _ok(results["peers"].get("spork", {}))
     ours = "spork" if spork_ok else "spoon"
-    stand_in = "" if spork_ok else "TCPSpork pending: TCPSpoon stands in"
+    spork = results["peers"].get("spork")
+    stand_in = "" if spork_ok else "TCPSpork %s: TCPSpoon stands in" % (
+        "not run" if spork is None else "pending")
     c = TARGET_CONC
 
     rows.append(_ratio_row(
@@ -85,6 +87,13 @@ def targets(results):
         _get(results, "spoon-1.0.6", "pingpong", n, "rps"),
         "%.2fx (%.0f vs %.0f req/s)", lambda r: r >= 5, stand_in)
     served = _get(results, ours, "pingpong", n, "served_fraction")
+    theirs = _get(results, "spoon-1.0.6", "pingpong", n, "served_fraction")
+    if theirs is not None and theirs < 1.0:
+        row = list(row)
+        row[4] = "; ".join(x for x in (row[4], (
+            "closed loop: the original served %.0f%% of the connections (one per worker, flat "
+            "out) and starved the rest" % (theirs * 100))) if x)
+        row = tuple(row)
     if served is not None:
         row = list(row)
         row[2] += ", ours served %.0f%%" % (served * 100)
@@ -99,7 +108,7 @@ def targets(results):
     bal = _get(results, "spork", "cpu", "balance")
     rows.append(("CPU-bound balance max/min per worker (TCPSpork)", "≤ 1.5",
                  _f(bal, "%.2f"), "pending" if bal is None else ("met" if bal <= 1.5 else "not met"),
-                 "" if spork_ok else "TCPSpork pending"))
+                 "" if spork_ok else "TCPSpork not run" if spork is None else "TCPSpork pending"))
     for peer in ("spoon", "spork"):
         per = _get(results, peer, "memory", "pss_kib_per_conn")
         rss = _get(results, peer, "memory", "rss_kib_per_conn")

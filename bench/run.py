@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -132,6 +133,8 @@ def run_peer(peer, python, s, wanted):
 
 def main(argv=None):
     args = parse(argv)
+    # SIGTERM unwinds like Ctrl-C, so every started server is killed on the way out.
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit("bench: terminated"))
     t0 = time.monotonic()
     os.sched_setaffinity(0, range(os.cpu_count()))
     loadgen.raise_nofile(peers_mod.NOFILE)
