@@ -148,7 +148,7 @@ def short_worker(cfg, win, conc, out):
     while True:
         t = now()
         if cpu0 is None and t >= win.start:
-            cpu0 = time.process_time()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         if t >= win.end:
             break
         timeout = 0.001 if backlog[0] else min(0.05, win.end - t)
@@ -214,10 +214,12 @@ def short_worker(cfg, win, conc, out):
                     key = reply.decode("ascii", "replace").strip()
                     tally[key] = tally.get(key, 0) + 1
             launch()
-    cpu1 = time.process_time()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for c in conns.values():
         c[0].close()
-    stats["gen_cpu"] = cpu1 - (cpu0 if cpu0 is not None else cpu1)
+    cpu0 = cpu0 or cpu1
+    stats["gen_cpu"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    stats["gen_sys"] = cpu1.ru_stime - cpu0.ru_stime
     stats["lat"] = lat.tobytes()
     stats["tally"] = tally
     out(stats)
@@ -250,7 +252,7 @@ def pingpong_worker(cfg, win, conc, out):
     while True:
         t = now()
         if cpu0 is None and t >= win.start:
-            cpu0 = time.process_time()
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         if t >= win.end:
             break
         for fd, ev in ep.poll(min(0.05, win.end - t)):
@@ -304,11 +306,13 @@ def pingpong_worker(cfg, win, conc, out):
                 del conns[fd]
                 s.close()
                 stats["closed"] += 1
-    cpu1 = time.process_time()
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     for c in conns.values():
         c[0].close()
     stats["served"] = len(served)
-    stats["gen_cpu"] = cpu1 - (cpu0 if cpu0 is not None else cpu1)
+    cpu0 = cpu0 or cpu1
+    stats["gen_cpu"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    stats["gen_sys"] = cpu1.ru_stime - cpu0.ru_stime
     stats["lat"] = lat.tobytes()
     out(stats)
 
@@ -465,7 +469,8 @@ def merge(cfg, reports, server_cpu):
     for r in reports:
         lat.frombytes(r.pop("lat"))
     lat = sorted(lat)
-    keys = ("requests", "errors", "bad", "retries", "closed", "connected", "served", "gen_cpu")
+    keys = ("requests", "errors", "bad", "retries", "closed", "connected", "served", "gen_cpu",
+            "gen_sys")
     for key in keys:
         if any(key in r for r in reports):
             result[key] = sum(r.get(key, 0) for r in reports)
@@ -476,6 +481,8 @@ def merge(cfg, reports, server_cpu):
         result[name] = None if v is None else v * 1000.0
     if n:
         result["gen_cpu_per_req_us"] = result["gen_cpu"] / n * 1e6
+    if result.get("gen_cpu"):
+        result["gen_kernel_share"] = result.get("gen_sys", 0) / result["gen_cpu"]
     if server_cpu is not None:
         result["server_cpu_s"] = server_cpu
         result["server_cpu_per_req_us"] = server_cpu / n * 1e6 if n else None

@@ -239,14 +239,19 @@ def markdown(results, plots):
         for mode, conc in (("short", 64), ("pingpong", 100)):
             r = c.get(mode) or {}
             gcpu = r.get("gen_cpu_per_req_us")
-            rows.append((mode, conc, _int(r.get("rps")), _f(gcpu), _int(1e6 / gcpu if gcpu else None),
-                         _f(r.get("server_cpu_per_req_us"))))
+            share = r.get("gen_kernel_share")
+            rows.append((mode, conc, _int(r.get("rps")), _f(gcpu),
+                         "–" if share is None else "%.0f%%" % (share * 100),
+                         _int(1e6 / gcpu if gcpu else None), _f(r.get("server_cpu_per_req_us"))))
         md.append("Against %s, the generator on one core:\n" % c.get("server"))
         md.append(_table(["mode", "connections", "req/s", "generator CPU µs/req",
-                          "generator max req/s per core", "trivial server CPU µs/req"], rows))
-        md.append("\nA Python server needs more CPU per request than the generator does (see "
-                  "below), so on its own core it is the limit; where a peer's req/s comes near "
-                  "the generator's max, read its CPU per request instead.\n")
+                          "of it in the kernel", "generator max req/s per core",
+                          "trivial server CPU µs/req"], rows))
+        md.append("\nThe generator's cost per short connection is mostly the kernel's (a loopback "
+                  "connect runs the TCP handshake of both ends in the caller's context), so a "
+                  "generator in C would not be much faster.  Where a peer's req/s comes near "
+                  "the generator's max, the generator is the limit: compare the servers' CPU "
+                  "per request instead, which does not depend on it.\n")
 
     md.append("## Targets\n")
     md.append(_table(["target", "threshold", "measured", "verdict", "note"], targets(results)))
