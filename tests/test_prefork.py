@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 
-import pytest
 
 from support import children_of, pid_alive, pss_kib, wait_for
 
@@ -181,7 +180,7 @@ class Load:
                     self.refused += 1
                 time.sleep(0.01)
                 continue
-            except OSError as e:
+            except OSError:
                 # A SYN dropped by a stopping pool times out: never accepted either.
                 with self._lock:
                     self.refused += 1

@@ -7,12 +7,11 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.request
 
 import pytest
 
-from support import ROOT, children_of, pid_alive, wait_for
+from support import ROOT, children_of, wait_for
 from test_prefork import ask, assert_gone, serving_pids
 
 TARGETS = '''

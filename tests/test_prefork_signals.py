@@ -8,7 +8,7 @@ import time
 import pytest
 
 from support import children_of, pid_alive, wait_for
-from test_prefork import Load, ask, assert_gone, output_so_far, serving_pids, start_spork
+from test_prefork import Load, assert_gone, output_so_far, serving_pids, start_spork
 
 
 def _send(port, command):
