@@ -422,3 +422,33 @@ def test_udp_spork_workers_answer_datagrams(server_process):
     assert proc.wait(timeout=15) == 0
     assert "RETURNED" in proc.read_output()
     assert_gone(workers)
+
+
+INSIDE_RUNNING_REACTOR = """
+from twisted.internet import reactor
+import spoon.server
+
+class Server(spoon.server.TCPSpork):
+    prefork = 2
+
+server = Server(("127.0.0.1", 0))
+print("READY", server.server_address[1], flush=True)
+
+def serve():
+    try:
+        server.serve_forever()
+    except RuntimeError as e:
+        print("REFUSED", e, flush=True)
+    reactor.stop()
+
+reactor.callWhenRunning(serve)
+reactor.run()
+"""
+
+
+def test_forking_from_a_running_reactor_is_refused(server_process):
+    proc = server_process(INSIDE_RUNNING_REACTOR)
+    assert proc.wait(timeout=10) == 0
+    out = proc.read_output()
+    assert "REFUSED" in out and "running" in out and "spoon.service" in out
+    assert children_of(proc.pid) == []
