@@ -44,6 +44,16 @@ def site():
         isLeaf = True
 
         def render_GET(self, request):
+            if request.path == b"/slow":
+                # Quiet for a while, then the answer: a request in progress.
+                from twisted.internet import reactor
+
+                def finish():
+                    request.write(b"%d" % os.getpid())
+                    request.finish()
+
+                reactor.callLater(1.5, finish)
+                return server.NOT_DONE_YET
             return b"%d" % os.getpid()
 
     return server.Site(Pid())
@@ -235,3 +245,56 @@ def test_bad_target_fails_with_a_message(pools, targets):
     assert pool.proc.wait(timeout=20) == 2
     assert "NoSuchThing" in pool.log()
     assert children_of(pool.pid) == []
+
+
+def test_site_pool_stop_closes_idle_keep_alive_connections(pools, targets):
+    """A browser's persistent connection does not hold a graceful stop for the whole grace
+    period: between requests it is closed."""
+    import time
+
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.site", targets, "--workers", "2")  # grace: 30 s
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response or not response.split(b"\r\n\r\n", 1)[1]:
+            response += client.recv(4096)
+        assert response.startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        pool.proc.send_signal(signal.SIGTERM)
+        assert client.recv(4096) == b""  # closed by the server, between requests
+        assert pool.proc.wait(timeout=20) == 0
+        assert time.monotonic() - start < 10
+    assert_gone(workers)
+
+
+def test_site_pool_stop_lets_a_slow_request_finish(pools, targets):
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.site", targets, "--workers", "2")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        # A first request answered (the connection is persistent), then a slow one.
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"\r\n\r\n") and b"\r\n\r\n" not in first or not first.split(b"\r\n\r\n", 1)[1]:
+            first += client.recv(4096)
+        client.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        # (Whether the worker has read it yet or not: the connection was busy less than
+        # IDLE_CLOSE_AFTER ago, and then carries a request in progress.)
+        pool.proc.send_signal(signal.SIGTERM)
+        rest = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        assert rest.startswith(b"HTTP/1.1 200")
+        body = rest.split(b"\r\n\r\n", 1)[1]  # chunked: "<size>\r\n<pid>\r\n0\r\n\r\n"
+        assert int(body.split(b"\r\n")[1]) in workers
+    assert pool.proc.wait(timeout=20) == 0
+
