@@ -21,7 +21,6 @@ What this version adds, and why:
 """
 
 import argparse
-import importlib
 import logging
 import os
 import select
@@ -29,6 +28,8 @@ import signal
 import sys
 import tempfile
 import time
+
+from spoon import targets
 
 __all__ = [
     "detach",
@@ -387,35 +388,10 @@ def load_server_class(path):
     Raises :class:`UsageError` naming the path when it cannot be imported or is not a
     spoon server class.
     """
-    from spoon.server import TCPSpoon, TCPSpork, UDPSpoon, UDPSpork
-
-    module_name, _, name = path.rpartition(".")
-    if not module_name or not name:
-        raise UsageError(
-            "%r is not a dotted path to a server class (like myapp.server.EchoServer)" % path
-        )
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError("cannot import %s for %s: %s" % (module_name, path, e)) from e
-    try:
-        klass = getattr(module, name)
-    except AttributeError:
-        raise UsageError("module %s has no attribute %r (from %s)" % (module_name, name, path))
-    bases = (TCPSpoon, UDPSpoon, TCPSpork, UDPSpork)
-    if not (isinstance(klass, type) and issubclass(klass, bases)):
-        raise UsageError(
-            "%s is not a spoon server class (a subclass of spoon.server.TCPSpoon, UDPSpoon, "
-            "TCPSpork or UDPSpork)" % path
-        )
-    return klass
-
-
-def is_spork(klass):
-    """True for pre-forking server classes (TCPSpork/UDPSpork and their subclasses)."""
-    from spoon.server import TCPSpork, UDPSpork
-
-    return issubclass(klass, (TCPSpork, UDPSpork))
+        return targets.server_class(path)
+    except targets.TargetError as e:
+        raise UsageError(str(e)) from e
 
 
 def _parser(prog):
@@ -512,11 +488,11 @@ def _start(options, klass, out):
     if options.nice:
         os.nice(options.nice)
     workers = options.spork
-    if workers is not None and is_spork(klass):
+    if workers is not None and targets.is_spork(klass):
         klass.prefork = workers
     server = klass((options.interface, options.port))
     serve = None
-    if workers is not None and is_spork(klass):
+    if workers is not None and targets.is_spork(klass):
         server.prefork = workers
     elif workers is not None and workers > 1:
         # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
@@ -527,7 +503,7 @@ def _start(options, klass, out):
             Supervisor(server, workers=workers).run()
 
         serve = serve_pool
-    elif is_spork(klass):
+    elif targets.is_spork(klass):
         workers = server.prefork
 
     def after_detach():

@@ -26,7 +26,6 @@ embedding service) gets a pool without forking its own reactor.
 import argparse
 import collections
 import gc
-import importlib
 import logging
 import os
 import select
@@ -39,6 +38,7 @@ import time
 from spoon import linux, worker
 from spoon.factory_server import DatagramFactoryServer, FactoryServer
 from spoon.server import _SpoonMixIn, using_socket
+from spoon.targets import resolve
 
 __all__ = ["Supervisor", "FactoryServer", "DatagramFactoryServer", "main"]
 
@@ -608,27 +608,6 @@ class Supervisor:
 
 
 # -- the command line -----------------------------------------------------------------
-
-
-def resolve(dotted):
-    """Import ``package.module.Name`` (or ``package.module:Name``) and return the object."""
-    if ":" in dotted:
-        module_name, _, attr = dotted.partition(":")
-    else:
-        module_name, _, attr = dotted.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError("%r is not a dotted path to an object" % dotted)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError("cannot import %s (for %s): %s" % (module_name, dotted, e)) from e
-    obj = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError("%s has no attribute %r (for %s)" % (module_name, attr, dotted))
-    return obj
 
 
 def build_target(sock, target, udp=False):

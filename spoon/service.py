@@ -17,8 +17,6 @@ Both are plain ``IService`` providers: add them to an application (``twistd spoo
 see :mod:`spoon.tap`) or call ``startService``/``stopService`` yourself.
 """
 
-import importlib
-import inspect
 import os
 import re
 import signal
@@ -30,58 +28,30 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 
-__all__ = [
-    "TargetError",
-    "resolve",
-    "SocketSpec",
-    "parse_socket_endpoint",
-    "bind_socket",
-    "PreforkService",
-    "ServeService",
-    "build_server",
-]
+from spoon.endpoints import (
+    SocketSpec,
+    bind_socket,
+    format_address,
+    parse_socket_endpoint,
+    socket_options,
+)
+from spoon.targets import (
+    TargetError,
+    is_datagram_server_class,
+    is_server_class,
+    resolve,
+)
+
+__all__ = ["PreforkService", "ServeService"]
 
 #: Descriptor number under which the supervisor receives the listening socket.
 CHILD_SOCKET_FD = 3
-#: Twisted endpoint types that name a plain socket this module can bind (and hand down).
-SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6")
-
-
-class TargetError(ValueError):
-    """A dotted path that cannot be imported, or does not name what it should."""
 
 
 def _global_reactor(reactor):
     if reactor is None:
         from twisted.internet import reactor
     return reactor
-
-
-# -- dotted paths ---------------------------------------------------------------------------
-
-
-def resolve(path):
-    """Import the object named by ``path`` ("package.module.Name").
-
-    Raises :class:`TargetError` naming ``path`` when that fails, because "No module named
-    'x'" alone does not tell a daemon's operator which option was wrong.
-    """
-    if not isinstance(path, str) or "." not in path.strip("."):
-        raise TargetError("%r is not a dotted path (expected package.module.Name)" % (path,))
-    module_name, _, attribute = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise TargetError("cannot import %r: %s: %s" % (path, type(e).__name__, e)) from e
-    try:
-        obj = module
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except AttributeError as e:
-        raise TargetError(
-            "cannot import %r: module %r has no attribute %r" % (path, module_name, attribute)
-        ) from e
-    return obj
 
 
 def _import_root(path):
@@ -97,136 +67,6 @@ def _import_root(path):
     for _ in range(depth):
         root = os.path.dirname(root)
     return root
-
-
-def _is_spoon_server_class(obj):
-    from spoon import server
-
-    return isinstance(obj, type) and issubclass(
-        obj, (server.TCPSpoon, server.UDPSpoon, server.TCPSpork, server.UDPSpork)
-    )
-
-
-def _is_datagram_server_class(obj):
-    from spoon import server
-
-    return _is_spoon_server_class(obj) and issubclass(obj, (server.UDPSpoon, server.UDPSpork))
-
-
-# -- sockets --------------------------------------------------------------------------------
-
-
-class SocketSpec:
-    """What to bind: ``kind`` ("tcp" or "udp"), ``host``, ``port``, ``backlog`` (None: the
-    server class decides)."""
-
-    def __init__(self, kind, host, port, backlog=None):
-        self.kind = kind
-        self.host = host
-        self.port = port
-        self.backlog = backlog
-
-    @property
-    def datagram(self):
-        return self.kind == "udp"
-
-    def __repr__(self):
-        return "SocketSpec(%r, %r, %r, backlog=%r)" % (self.kind, self.host, self.port, self.backlog)
-
-
-def _split_description(description):
-    """Split a Twisted endpoint string on unescaped colons ("tcp:80:interface=\\:\\:1")."""
-    parts, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def parse_socket_endpoint(description):
-    """A :class:`SocketSpec` for "tcp:", "tcp6:" and "udp:" endpoint strings (the ones that
-    name a socket this process can bind and hand to a supervisor); None for any other type.
-
-    Raises ValueError for a malformed socket endpoint.
-    """
-    parts = _split_description(description)
-    kind = parts[0].strip().lower()
-    if len(parts) == 1 and kind.isdigit():  # Twisted's old "8080" shorthand
-        kind, parts = "tcp", ["tcp", parts[0]]
-    if kind not in SOCKET_ENDPOINT_TYPES:
-        return None
-    positional, keywords = [], {}
-    for part in parts[1:]:
-        key, sep, value = part.partition("=")
-        if sep:
-            keywords[key.strip()] = value
-        else:
-            positional.append(part)
-    names = ["port", "interface", "backlog"]
-    for name, value in zip(names, positional):
-        keywords.setdefault(name, value)
-    if len(positional) > len(names):
-        raise ValueError("too many arguments in endpoint %r" % description)
-    unknown = set(keywords) - set(names)
-    if unknown:
-        raise ValueError("unknown option(s) %s in endpoint %r" % (", ".join(sorted(unknown)), description))
-    try:
-        port = int(keywords["port"])
-    except (KeyError, ValueError):
-        raise ValueError("endpoint %r needs a numeric port" % description) from None
-    default_host = "::" if kind.endswith("6") else "0.0.0.0"
-    host = keywords.get("interface") or default_host
-    backlog = keywords.get("backlog")
-    try:
-        backlog = int(backlog) if backlog is not None else None
-    except ValueError:
-        raise ValueError("endpoint %r: backlog must be a number" % description) from None
-    return SocketSpec(kind.rstrip("6"), host, port, backlog)
-
-
-def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
-    """Bind (and for TCP, listen on) the socket ``spec`` describes, as a spoon server would:
-    IPv6 when the host contains ":", dual-stack unless ``ipv6_only``."""
-    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM)
-    try:
-        if reuse_address:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if ipv6_only else 0)
-        sock.bind((spec.host, spec.port))
-        if not spec.datagram:
-            sock.listen(spec.backlog if spec.backlog is not None else backlog)
-    except OSError as e:
-        sock.close()
-        where = format_address((spec.host, spec.port))
-        raise OSError(e.errno, "cannot bind %s %s: %s" % (spec.kind, where, e.strerror)) from e
-    sock.setblocking(False)
-    return sock
-
-
-def format_address(address):
-    """"host:port" ("[v6host]:port"), as log lines and tests read it."""
-    host, port = address[0], address[1]
-    return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
-
-
-def _socket_options(klass):
-    """Binding options a spoon server class declares (defaults for anything else)."""
-    return {
-        "ipv6_only": bool(getattr(klass, "ipv6_only", False)),
-        "reuse_address": bool(getattr(klass, "allow_reuse_address", True)),
-        "backlog": int(getattr(klass, "request_queue_size", 1024)),
-    }
 
 
 # -- log relay ------------------------------------------------------------------------------
@@ -418,7 +258,7 @@ class PreforkService(service.Service):
     ):
         self.target = target
         self.target_object = resolve(target)
-        if isinstance(self.target_object, type) and not _is_spoon_server_class(self.target_object):
+        if isinstance(self.target_object, type) and not is_server_class(self.target_object):
             raise TargetError("%r is a class but not a spoon server class" % target)
         if not callable(self.target_object):
             raise TargetError("%r is neither a spoon server class nor a callable" % target)
@@ -458,7 +298,7 @@ class PreforkService(service.Service):
     # -- configuration ------------------------------------------------------------------
 
     def _spec_for(self, endpoint):
-        datagram_class = _is_datagram_server_class(self.target_object)
+        datagram_class = is_datagram_server_class(self.target_object)
         if isinstance(endpoint, socket.socket):
             datagram = endpoint.type == socket.SOCK_DGRAM
             spec = SocketSpec("udp" if datagram else "tcp", None, None)
@@ -472,7 +312,7 @@ class PreforkService(service.Service):
         else:
             host, port = endpoint[0], int(endpoint[1])
             spec = SocketSpec("udp" if datagram_class else "tcp", host, port)
-        if _is_spoon_server_class(self.target_object) and spec.datagram != datagram_class:
+        if is_server_class(self.target_object) and spec.datagram != datagram_class:
             raise ValueError(
                 "%s is a %s server but the endpoint is %s"
                 % (self.target, "UDP" if datagram_class else "TCP", spec.kind.upper())
@@ -491,7 +331,7 @@ class PreforkService(service.Service):
 
     def _bind(self):
         if self.socket is None:
-            self.socket = bind_socket(self.spec, **_socket_options(self.target_object))
+            self.socket = bind_socket(self.spec, **socket_options(self.target_object))
             self.address = self.socket.getsockname()
 
     def supervisor_args(self):
@@ -703,49 +543,6 @@ class PreforkService(service.Service):
 # -- serving in this reactor ----------------------------------------------------------------
 
 
-def _accepts_bind_and_activate(klass):
-    try:
-        parameters = inspect.signature(klass.__init__).parameters
-    except (TypeError, ValueError):
-        return False
-    return "bind_and_activate" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
-    )
-
-
-_HANDLED_BY_SERVERS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-
-def build_server(klass, address):
-    """Construct ``klass`` without binding its address and without letting it take over
-    signal handlers: the service listens for it, and the host program (twistd) owns the
-    signals.
-
-    ``Klass(address, bind_and_activate=False)`` when the constructor accepts it; otherwise
-    the server adopts a placeholder socket through :func:`spoon.server.using_socket`.
-    """
-    from spoon.server import using_socket
-
-    saved = {signum: signal.getsignal(signum) for signum in _HANDLED_BY_SERVERS}
-    try:
-        if _accepts_bind_and_activate(klass):
-            return klass(address, bind_and_activate=False)
-        family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
-        socktype = socket.SOCK_DGRAM if _is_datagram_server_class(klass) else socket.SOCK_STREAM
-        placeholder = socket.socket(family, socktype)
-        try:
-            with using_socket(placeholder):
-                server = klass(address)
-        finally:
-            placeholder.close()
-        server.socket = None
-        return server
-    finally:
-        for signum, handler in saved.items():
-            if handler is not None and signal.getsignal(signum) is not handler:
-                signal.signal(signum, handler)
-
-
 class ServeService(service.Service):
     """Serve a spoon ``server`` in this process's reactor on ``endpoints`` (Twisted endpoint
     strings: "tcp:", "tcp6:" and "udp:" are bound like the server class would bind them;
@@ -760,7 +557,7 @@ class ServeService(service.Service):
         self.endpoints = list(endpoints)
         self._reactor = reactor
         self.graceful_timeout = graceful_timeout
-        self.datagram = _is_datagram_server_class(type(server))
+        self.datagram = is_datagram_server_class(type(server))
         self.log = Logger(namespace="spoon.serve")
         self.ports = []
         self.protocols = []
@@ -792,7 +589,7 @@ class ServeService(service.Service):
             return
         self._listening = True
         reactor = self.reactor
-        options = _socket_options(type(self.server))
+        options = socket_options(type(self.server))
         if not self.datagram:
             self.factory = self.server.protocol_factory(reactor)
         try:

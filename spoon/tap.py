@@ -20,14 +20,9 @@ from twisted.application import service
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.python import usage
 
-from spoon.service import (
-    PreforkService,
-    ServeService,
-    TargetError,
-    build_server,
-    parse_socket_endpoint,
-    resolve,
-)
+from spoon.endpoints import parse_socket_endpoint
+from spoon.service import PreforkService, ServeService
+from spoon.targets import TargetError, build_server, resolve
 
 __all__ = ["Options", "makeService", "SpoonMultiService", "StdlibToTwistedHandler"]
 

@@ -460,8 +460,8 @@ def test_spork_option_preforks_a_spoon_class(daemons):
 @pytest.mark.parametrize(
     "klass, message",
     [
-        ("no_such_module.Server", "cannot import no_such_module for no_such_module.Server"),
-        ("probe_servers.Missing", "module probe_servers has no attribute 'Missing'"),
+        ("no_such_module.Server", "cannot import 'no_such_module.Server'"),
+        ("probe_servers.Missing", "module 'probe_servers' has no attribute 'Missing'"),
         ("probe_servers.NotAServer", "probe_servers.NotAServer is not a spoon server class"),
         ("ProbeServer", "'ProbeServer' is not a dotted path"),
     ],

@@ -10,13 +10,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from spoon.service import (
-    PreforkService,
-    TargetError,
-    bind_socket,
-    parse_socket_endpoint,
-    resolve,
-)
+from spoon.endpoints import bind_socket, parse_socket_endpoint
+from spoon.service import PreforkService
+from spoon.targets import TargetError, resolve
 
 
 # -- endpoint strings -----------------------------------------------------------------------
