@@ -3,7 +3,10 @@
 the supervisor and workers of :mod:`spoon.prefork` serve it as they serve a Spoon.
 
 What a worker's graceful stop needs from its factory (``connections``, ``when_idle``,
-``abort_all``) comes from a ``WrappingFactory`` that tracks the connections.  For a Site it
+``abort_all``) comes from a ``WrappingFactory`` that tracks the connections.  Its wrapper
+passes half-close through: Twisted's transport asks its own protocol (the wrapper) whether it
+provides ``IHalfCloseableProtocol``, so a wrapper that did not would turn a client's
+``shutdown(SHUT_WR)`` into a full close of a protocol that wants ``readConnectionLost``.  For a Site it
 also counts the requests in progress on each connection, so that a stop can close the
 persistent connections that sit between requests instead of waiting for the browser.
 """
@@ -27,7 +30,9 @@ IDLE_CLOSE_AFTER = 0.5
 def _tracking_factory(wrapped, reactor=None):
     """Wrap a plain Twisted factory so that a graceful stop can wait for its connections
     (the interface the server's stop uses: ``connections``, ``when_idle``, ``abort_all``)."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
     from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+    from zope.interface import implementer
 
     if reactor is None:
         from twisted.internet import reactor
@@ -57,6 +62,20 @@ def _tracking_factory(wrapped, reactor=None):
         def between_requests(self, quiet_since):
             return self.answered and not self.requests and self.last_activity < quiet_since
 
+    @implementer(IHalfCloseableProtocol)
+    class HalfCloseableActivityWrapper(ActivityWrapper):
+        """The wrapper of a protocol that provides ``IHalfCloseableProtocol``: the end of
+        the peer's input (and of our output) reaches it instead of closing the connection.
+        Provided by the class because ``ProtocolWrapper.makeConnection`` replaces what the
+        instance directly provides with the transport's interfaces."""
+
+        def readConnectionLost(self):
+            self.last_activity = reactor.seconds()
+            IHalfCloseableProtocol(self.wrappedProtocol).readConnectionLost()
+
+        def writeConnectionLost(self):
+            IHalfCloseableProtocol(self.wrappedProtocol).writeConnectionLost()
+
     counts_requests = _count_http_requests(wrapped)
 
     class TrackingFactory(WrappingFactory):
@@ -67,6 +86,14 @@ def _tracking_factory(wrapped, reactor=None):
             WrappingFactory.__init__(self, wrapped)
             self._idle_callbacks = []
             self._closer = None
+
+        def buildProtocol(self, addr):
+            protocol = self.wrappedFactory.buildProtocol(addr)
+            if protocol is None:
+                return None
+            if IHalfCloseableProtocol.providedBy(protocol):
+                return HalfCloseableActivityWrapper(self, protocol)
+            return self.protocol(self, protocol)
 
         @property
         def connections(self):

@@ -66,6 +66,33 @@ class PidDatagram(DatagramProtocol):
 
 def datagram():
     return PidDatagram()
+
+
+def answer_at_eof():
+    """A raw Twisted protocol that answers only once the client has half-closed: its pid,
+    the length of the whole input, then the input reversed."""
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+    from twisted.internet.protocol import Factory, Protocol
+    from zope.interface import implementer
+
+    @implementer(IHalfCloseableProtocol)
+    class AnswerAtEOF(Protocol):
+        def connectionMade(self):
+            self.chunks = []
+
+        def dataReceived(self, data):
+            self.chunks.append(data)
+
+        def readConnectionLost(self):
+            body = b"".join(self.chunks)
+            self.transport.write(b"%d %d\\n" % (os.getpid(), len(body)))
+            self.transport.write(body[::-1])
+            self.transport.loseConnection()
+
+        def writeConnectionLost(self):
+            pass
+
+    return Factory.forProtocol(AnswerAtEOF)
 '''
 
 
@@ -298,3 +325,49 @@ def test_site_pool_stop_lets_a_slow_request_finish(pools, targets):
         assert int(body.split(b"\r\n")[1]) in workers
     assert pool.proc.wait(timeout=20) == 0
 
+
+
+def _send_half_close_and_read(port, body, timeout=30):
+    """Send ``body``, shut down our writing side, read the reply to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
+        client.sendall(body)
+        client.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = client.recv(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    header, _, rest = reply.partition(b"\n")
+    assert header, "connection closed without an answer: half-close not passed through"
+    pid, length = map(int, header.split())
+    return pid, length, rest
+
+
+def test_half_close_reaches_a_plain_factory_protocol(pools, targets):
+    """A client's shutdown(SHUT_WR) reaches readConnectionLost of an IHalfCloseableProtocol
+    served by the pool (the connection-tracking wrapper passes it through), for a small and
+    a multi-MiB input."""
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.answer_at_eof", targets, "--workers", "2", "--graceful-timeout", "5")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    seen = set()
+
+    def both_answer():
+        pid, length, rest = _send_half_close_and_read(port, b"hello")
+        assert (length, rest) == (5, b"olleh")
+        seen.add(pid)
+        return workers <= seen
+
+    wait_for(both_answer, timeout=20, interval=0, what="both workers answering at EOF")
+    body = os.urandom(1 << 16) * 64  # 4 MiB
+    pid, length, rest = _send_half_close_and_read(port, body)
+    assert pid in workers
+    assert length == len(body)
+    assert rest == body[::-1]
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+    assert_gone(workers)
