@@ -6,9 +6,8 @@ for each way of accepting connections, the requests completed per worker, max/mi
 latency percentiles and each worker's CPU use:
 
 - ``twisted``: Twisted's own ``tcp.Port`` (``adoptStreamPort``): many accepts per wake-up;
-- ``lean``: spoon's single-process ``LeanPort`` (up to 64 accepts per wake-up);
-- ``one-by-one``: what Spork workers use (``spoon.balance``): one accept per reactor
-  iteration, after the iteration's work.
+- ``one-by-one``: what spoon servers use (``spoon.balance``): a connection is accepted
+  only while the worker is not busy with another one.
 
 Two load shapes: ``closed-loop`` (each client sends its next request when it has its reply)
 and ``burst`` (rounds in which all clients send at the same moment; a round ideally takes
@@ -16,7 +15,7 @@ busy-ms x clients / workers).  "accepts/wake-up" counts the connections accepted
 call from the reactor: with Twisted's port they are all held before any is served (that
 is the hoarding); with spoon's ports each one is served before the next accept.
 
-Usage: python bench/prefork_balance.py [--seconds 5] [--kinds twisted,lean,one-by-one]
+Usage: python bench/prefork_balance.py [--seconds 5] [--kinds twisted,one-by-one]
 Prints one line per kind, then a JSON line (``BALANCE_JSON {...}``) for the bench report.
 """
 
@@ -42,7 +41,7 @@ KIND = %(kind)r
 
 # Instrumentation (this benchmark only): how many connections each wake-up of the
 # listening socket accepted.
-import spoon.adapter, spoon.balance, spoon.lean
+import spoon.adapter, spoon.balance
 from twisted.internet import tcp
 built = [0]
 batches = []
@@ -61,7 +60,6 @@ def counted(method):
                 batches.append(built[0] - before)
     return wrapper
 tcp.Port.doRead = counted(tcp.Port.doRead)
-spoon.lean.LeanPort.doRead = counted(spoon.lean.LeanPort.doRead)
 spoon.balance.OneByOnePort.doRead = counted(spoon.balance.OneByOnePort.doRead)
 spoon.balance.OneByOnePort._accept_later = counted(spoon.balance.OneByOnePort._accept_later)
 
@@ -82,12 +80,6 @@ class Server(spoon.server.TCPSpork):
             self._factory = self.protocol_factory(reactor)
             self._port = reactor.adoptStreamPort(
                 self.socket.fileno(), self.address_family, self._factory)
-    elif KIND == "lean":
-        def _listen(self, reactor):
-            from spoon import lean
-            self._factory = self.protocol_factory(reactor)
-            self._port = lean.LeanPort(self.socket, self._factory, reactor)
-            self._port.startListening()
 
 server = Server(("127.0.0.1", 0))
 print("READY", server.server_address[1], flush=True)
@@ -233,7 +225,7 @@ def main(argv=None):
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--busy-ms", type=float, default=20.0)
-    p.add_argument("--kinds", default="twisted,lean,one-by-one")
+    p.add_argument("--kinds", default="twisted,one-by-one")
     p.add_argument("--modes", default="closed-loop,burst")
     args = p.parse_args(argv)
     results = []

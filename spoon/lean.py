@@ -13,6 +13,7 @@ This transport does the same job with fewer steps, using only public interfaces:
   buffered and written when the reactor says the socket is writable;
 - ``loseConnection`` with nothing buffered closes at once.
 
+Connections reach it through :mod:`spoon.balance`'s listening port (``serve_gulp``).
 Everything else (TLS, the PROXY protocol, other endpoints, plain Twisted factories) keeps
 Twisted's own transports: ``GulpProtocol`` works on either.
 """
@@ -20,12 +21,10 @@ Twisted's own transports: ``GulpProtocol`` works on either.
 import errno
 import socket
 
-from twisted.internet import address, defer, error
+from twisted.internet import address, error
 from twisted.internet.interfaces import (
     IConsumer,
-    IListeningPort,
     IPushProducer,
-    IReadDescriptor,
     IReadWriteDescriptor,
     ISystemHandle,
     ITCPTransport,
@@ -318,100 +317,3 @@ def serve_accepted(sock, peer, factory, reactor):
     transport = LeanConnection(sock, peer, protocol, reactor)
     transport.start()
     return transport
-
-
-#: accept() errors that concern only the connection being accepted: skip it.
-_ACCEPT_SKIP = (errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR)
-#: Seconds to wait before accepting again when out of descriptors or memory.
-ACCEPT_RETRY_DELAY = 0.1
-
-
-@implementer(IListeningPort, IReadDescriptor)
-class LeanPort:
-    """Accept connections on an already listening socket and serve each one on a
-    :class:`LeanConnection` with ``factory`` (a GulpFactory).
-
-    Up to ``accepts_per_read`` connections are accepted each time the reactor reports
-    the socket readable.  The port works on its own duplicate of the socket's descriptor;
-    ``stopListening`` closes that duplicate only.
-    """
-
-    def __init__(self, sock, factory, reactor, accepts_per_read=64, log=None):
-        self.factory = factory
-        self.reactor = reactor
-        self.accepts_per_read = accepts_per_read
-        self.socket = sock.dup()
-        self.socket.setblocking(False)
-        self._fileno = self.socket.fileno()
-        self._listening = False
-        self._reading = False
-        self._log = log
-
-    def startListening(self):
-        if not self._listening:
-            self._listening = True
-            self.factory.doStart()
-            self._start_reading()
-
-    def stopListening(self):
-        if self._listening:
-            self._listening = False
-            self._stop_reading()
-            self.socket.close()
-            self.factory.doStop()
-        return defer.succeed(None)
-
-    loseConnection = stopListening
-
-    def getHost(self):
-        addr = self.socket.getsockname()
-        if self.socket.family == socket.AF_INET6:
-            return address.IPv6Address("TCP", *addr)
-        return address.IPv4Address("TCP", *addr)
-
-    def fileno(self):
-        return self._fileno if self._listening else -1
-
-    def logPrefix(self):
-        return "spoon.LeanPort"
-
-    def connectionLost(self, reason):
-        self._reading = False
-
-    def _start_reading(self):
-        if self._listening and not self._reading:
-            self._reading = True
-            self.reactor.addReader(self)
-
-    def _stop_reading(self):
-        if self._reading:
-            self._reading = False
-            self.reactor.removeReader(self)
-
-    def doRead(self):
-        accept = self.socket.accept
-        factory = self.factory
-        reactor = self.reactor
-        for _ in range(self.accepts_per_read):
-            if not self._listening:
-                return
-            try:
-                conn, peer = accept()
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno in _ACCEPT_SKIP:
-                    continue
-                # Out of descriptors or memory: stop for a moment instead of spinning.
-                if self._log is not None:
-                    self._log.error("accept() failed: %s; retrying in %ss", e, ACCEPT_RETRY_DELAY)
-                self._stop_reading()
-                reactor.callLater(ACCEPT_RETRY_DELAY, self._start_reading)
-                return
-            conn.setblocking(False)
-            try:
-                serve_accepted(conn, peer, factory, reactor)
-            except Exception:
-                if self._log is not None:
-                    self._log.exception("could not serve a connection from %s", peer)
-                conn.close()

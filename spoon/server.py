@@ -18,7 +18,7 @@ import socket
 import socketserver
 import threading
 
-from spoon import adapter, lean
+from spoon import adapter, balance
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -207,8 +207,9 @@ class _SpoonMixIn:
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
         self._factory = self.protocol_factory(reactor)
-        self._port = lean.LeanPort(self.socket, self._factory, reactor, log=self.log)
-        self._port.startListening()
+        self._port = balance.listen_one_by_one(
+            self.socket, self._factory, reactor, balance.serve_gulp(self._factory, reactor)
+        )
 
     # -- serving --------------------------------------------------------------------------
 

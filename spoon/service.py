@@ -624,12 +624,12 @@ class ServeService(service.Service):
     def _listen_stream(self, sock):
         """Gulp servers get spoon's lean transport, as under ``serve_forever()``; any
         other factory a server class returns gets Twisted's own."""
-        from spoon import adapter, lean
+        from spoon import adapter, balance
 
         if isinstance(self.factory, adapter.GulpFactory):
-            port = lean.LeanPort(sock, self.factory, self.reactor, log=self.server.log)
-            port.startListening()
-            return port
+            return balance.listen_one_by_one(
+                sock, self.factory, self.reactor, balance.serve_gulp(self.factory, self.reactor)
+            )
         return self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
 
     def _listen_endpoint(self, description):
