@@ -99,10 +99,17 @@ class Supervisor:
     ``workers``, ``graceful_timeout`` and ``worker_timeout`` default to the server's
     ``prefork``, ``graceful_timeout`` and ``worker_timeout``.  ``parent_pid``: stop the
     pool when this process stops being our parent (used by the command line entry).
+    ``reactor_name``: a twistd reactor short name (``poll``, ``select``, ``epoll``...) that
+    every worker installs instead of the default reactor.
     """
 
-    def __init__(self, server, workers=None, graceful_timeout=None, worker_timeout=None, parent_pid=None):
+    def __init__(
+        self, server, workers=None, graceful_timeout=None, worker_timeout=None, parent_pid=None, reactor_name=None
+    ):
         self.server = server
+        #: Reactor short name each worker installs (None: the default reactor).
+        self.reactor_name = reactor_name
+        self._reactor_module = None
         self.log = getattr(server, "log", None) or logging.getLogger("spoon.prefork")
         self.target = max(1, int(workers if workers is not None else (server.prefork or 1)))
         self.graceful_timeout = float(
@@ -258,7 +265,13 @@ class Supervisor:
         # Objects that exist now are shared with the workers copy-on-write; the cyclic
         # garbage collector would write to every one of them in each worker (and copy
         # their pages) when it scans them.  Freezing takes them out of its sight.
-        worker.preload()
+        extra = []
+        if self.reactor_name and self._reactor_module is None:
+            # Shared copy-on-write, and an unknown name fails here rather than in each worker.
+            self._reactor_module = worker.check_reactor_choice(self.reactor_name).moduleName
+        if self._reactor_module:
+            extra.append(self._reactor_module)
+        worker.preload(extra)
         gc.freeze()
         self.pid = os.getpid()
         self._loop_thread = threading.get_ident()
@@ -470,6 +483,7 @@ class Supervisor:
                 close,
                 # Tracebacks of a stuck worker reach the log shortly before it is killed.
                 dump_after=max(self.worker_timeout - 2 * self.heartbeat_interval, self.worker_timeout * 0.6),
+                reactor_module=self._reactor_module,
             )
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         os.close(write_fd)
@@ -652,6 +666,13 @@ def _parser():
     p.add_argument("--graceful-timeout", type=float, default=None)
     p.add_argument("--worker-timeout", type=float, default=None)
     p.add_argument("--udp", action="store_true", help="the callable returns a DatagramProtocol")
+    p.add_argument(
+        "--reactor",
+        default=None,
+        metavar="NAME",
+        help="reactor the workers install, by twistd short name (epoll, poll, select, "
+        "asyncio...); default: Twisted's default",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -679,6 +700,12 @@ def main(argv=None):
     except Exception as e:
         log.error("Cannot build the pool's server from %s: %s", args.target, e)
         return 2
+    if args.reactor:
+        try:
+            worker.check_reactor_choice(args.reactor)
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
     workers = args.workers
     if workers is None:
         workers = getattr(server, "prefork", None) or 1
@@ -688,6 +715,7 @@ def main(argv=None):
         graceful_timeout=args.graceful_timeout,
         worker_timeout=args.worker_timeout,
         parent_pid=parent if parent != 1 else None,
+        reactor_name=args.reactor,
     )
     try:
         supervisor.run()

@@ -69,6 +69,19 @@ def _import_root(path):
     return root
 
 
+def reactor_short_name(reactor):
+    """The twistd short name (``epoll``, ``poll``, ``select``...) of ``reactor``'s kind, found
+    by its class's module among ``twisted.application.reactors.getReactorTypes()``; None
+    for a reactor no name installs (a test's fake reactor, say)."""
+    from twisted.application.reactors import getReactorTypes
+
+    module = type(reactor).__module__
+    for entry in getReactorTypes():
+        if entry.moduleName == module and entry.shortName != "default":
+            return entry.shortName
+    return None
+
+
 # -- log relay ------------------------------------------------------------------------------
 
 
@@ -194,6 +207,8 @@ argv = sys.argv[4:]
 import spoon.prefork, spoon.worker, spoon.server, spoon.adapter
 import twisted.internet.default, twisted.internet.epollreactor, twisted.internet.pollreactor
 import twisted.internet.selectreactor, twisted.internet.tcp, twisted.internet.udp
+import twisted.application.reactors
+list(twisted.application.reactors.getReactorTypes())  # the plugin scan, while readable
 try:
     importlib.import_module(target.rpartition(".")[0])
 except Exception:
@@ -227,6 +242,8 @@ class PreforkService(service.Service):
     the user the pool runs as; then the supervisor is started in
     ``privilegedStartService`` (while this process is still privileged) and switches user
     itself before it forks any worker (``twistd --uid/--gid`` passes them).
+    ``reactor_name``: the reactor the workers install, by twistd short name (default: the
+    kind of reactor this process runs, so ``twistd --reactor poll`` gives poll workers).
 
     After ``privilegedStartService`` (or ``startService``) ``address`` is the bound address,
     so port 0 works.  ``stopService`` stops the pool gracefully (SIGTERM) and fires when the
@@ -255,6 +272,7 @@ class PreforkService(service.Service):
         extra_args=(),
         uid=None,
         gid=None,
+        reactor_name=None,
     ):
         self.target = target
         self.target_object = resolve(target)
@@ -283,6 +301,7 @@ class PreforkService(service.Service):
         self.extra_args = list(extra_args)
         self.uid = uid
         self.gid = gid
+        self._reactor_name = reactor_name
         self.log = Logger(namespace="spoon.pool")
         self.socket = endpoint if isinstance(endpoint, socket.socket) else None
         self.address = self.socket.getsockname() if self.socket is not None else None
@@ -325,6 +344,13 @@ class PreforkService(service.Service):
         return self._reactor
 
     @property
+    def reactor_name(self):
+        """Short name of the reactor the workers install (None: Twisted's default)."""
+        if self._reactor_name is None:
+            return reactor_short_name(self.reactor)
+        return self._reactor_name
+
+    @property
     def pid(self):
         """The supervisor's pid while it runs, else None."""
         return self.process.pid if self.process is not None else None
@@ -351,6 +377,9 @@ class PreforkService(service.Service):
             args += ["--worker-timeout", str(self.worker_timeout)]
         if self.spec.datagram:
             args.append("--udp")
+        reactor_name = self.reactor_name
+        if reactor_name:
+            args += ["--reactor", reactor_name]
         return args + self.extra_args
 
     def _drops_privileges(self):

@@ -329,6 +329,8 @@ def makeService(options):
                 python_path=options.get("python_path", ()),
                 uid=uid,
                 gid=gid,
+                # twistd --reactor NAME: the workers run the same kind of reactor.
+                reactor_name=parent.get("reactor") or None,
             ).setServiceParent(top)
     else:
         server = build_server(klass, (options["interface"], options["port"]))

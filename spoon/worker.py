@@ -56,15 +56,68 @@ PRELOAD = (
 )
 
 
-def preload():
-    """Import :data:`PRELOAD` (those that exist) in the supervisor, before forking."""
+def preload(extra=()):
+    """Import :data:`PRELOAD` and ``extra`` (those that exist) in the supervisor, before
+    forking."""
     import importlib
 
-    for name in PRELOAD:
+    for name in PRELOAD + tuple(extra):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+def reactor_type(name):
+    """The ``twisted.application.reactors`` entry of reactor short name ``name`` (what
+    ``twistd --reactor`` takes: ``epoll``, ``poll``, ``select``, ``asyncio``...); ValueError
+    naming the known ones otherwise."""
+    from twisted.application.reactors import getReactorTypes
+
+    types = list(getReactorTypes())
+    for entry in types:
+        if entry.shortName == name:
+            return entry
+    raise ValueError(
+        "no reactor named %r (known: %s)" % (name, ", ".join(t.shortName for t in types))
+    )
+
+
+def installed_reactor_module():
+    """Module of the class of the installed global reactor, or None when none is."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None:
+        return None
+    return type(reactor).__module__
+
+
+def check_reactor_choice(name):
+    """Raise ValueError when reactor ``name`` cannot be what the workers run: unknown, or
+    another kind of reactor was already installed in this process (by the import of the
+    server's module) and would be the one inherited by every worker."""
+    entry = reactor_type(name)
+    installed = installed_reactor_module()
+    if installed is not None and installed != entry.moduleName and entry.shortName != "default":
+        raise ValueError(
+            "--reactor %s: a %s reactor was already installed in the supervisor (something "
+            "imported twisted.internet.reactor at import time); import it inside functions "
+            "so that each worker can install %s" % (name, installed, entry.moduleName)
+        )
+    return entry
+
+
+def install_reactor_module(module_name):
+    """Install the reactor of ``module_name`` (a ``twisted.application.reactors`` entry's
+    ``moduleName``, imported by the supervisor) as this worker's global reactor, unless one
+    is installed already (inherited from the supervisor: then it is renewed, not replaced).
+    By module rather than by name: the name lookup scans Twisted's plugins, which a worker
+    that dropped privileges may no longer be allowed to read."""
+    if "twisted.internet.reactor" in sys.modules:
+        return False
+    import importlib
+
+    importlib.import_module(module_name).install()
+    return True
 
 
 class CannotFork(RuntimeError):
@@ -197,12 +250,15 @@ class Heartbeat:
         self.on_orphaned(why)
 
 
-def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(), dump_after=None):
+def run_worker(
+    server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(), dump_after=None, reactor_module=None
+):
     """Body of a forked worker: serve ``server`` (its socket inherited) until stopped, then
-    exit the process.  Never returns."""
+    exit the process.  ``reactor_module``: module of the reactor to install (default: the
+    inherited global reactor, else Twisted's default).  Never returns."""
     code = 1
     try:
-        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after)
+        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after, reactor_module)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -215,7 +271,7 @@ def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(
         os._exit(code)
 
 
-def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after):
+def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after, reactor_module=None):
     from spoon.reactors import reactor_for_serving
     from spoon.server import _SpoonMixIn
 
@@ -241,6 +297,8 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump
             pass
 
     renew_inherited_reactor()
+    if reactor_module:
+        install_reactor_module(reactor_module)
     reactor = reactor_for_serving()
 
     def orphaned(why):

@@ -93,6 +93,20 @@ def answer_at_eof():
             pass
 
     return Factory.forProtocol(AnswerAtEOF)
+
+
+def reactor_name():
+    """Answers "<pid> <class name of the worker's reactor>" and closes."""
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Name(Protocol):
+        def connectionMade(self):
+            from twisted.internet import reactor
+
+            self.transport.write(b"%d %s" % (os.getpid(), type(reactor).__name__.encode()))
+            self.transport.loseConnection()
+
+    return Factory.forProtocol(Name)
 '''
 
 
@@ -371,3 +385,43 @@ def test_half_close_reaches_a_plain_factory_protocol(pools, targets):
     pool.proc.send_signal(signal.SIGTERM)
     assert pool.proc.wait(timeout=20) == 0
     assert_gone(workers)
+
+
+def _reactors_of(port, workers):
+    seen = {}
+
+    def every_worker_said():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            reply = b""
+            while True:
+                chunk = client.recv(100)
+                if not chunk:
+                    break
+                reply += chunk
+        pid, name = reply.split()
+        seen[int(pid)] = name.decode()
+        return set(workers) <= set(seen)
+
+    wait_for(every_worker_said, timeout=20, interval=0, what="each worker's reactor")
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("name, expected", [("select", "SelectReactor"), (None, "EPollReactor")])
+def test_reactor_option_installs_it_in_every_worker(pools, targets, name, expected):
+    args = ["--workers", "2"] + (["--reactor", name] if name else [])
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.reactor_name", targets, *args)
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    assert _reactors_of(port, workers) == {expected}
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+
+
+def test_unknown_reactor_fails_with_a_message(pools, targets):
+    with _listening() as sock:
+        pool = pools(sock, "pooltargets.reactor_name", targets, "--reactor", "nosuch")
+    assert pool.proc.wait(timeout=20) == 2
+    assert "no reactor named 'nosuch'" in pool.log()
+    assert children_of(pool.pid) == []

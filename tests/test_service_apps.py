@@ -4,7 +4,8 @@ the supervisor, the workers import this module by its dotted path ``test_service
 Importing it has no side effect: it holds no tests.
 
 Every stream handler answers one line with "<pid> <config generation> <uid>\\n"; a request
-"sleep S" first answers "started\n", then waits S seconds (without blocking the worker).
+"sleep S" first answers "started\n", then waits S seconds (without blocking the worker); a
+request "reactor" answers "<pid> <class name of the worker's reactor>\n".
 """
 
 import os
@@ -22,6 +23,11 @@ class Report(spoon.server.Gulp):
 
             self.wfile.write(b"started\n")
             self.wait(task.deferLater(reactor, float(line.split()[1]), lambda: None))
+        if line == b"reactor":
+            from twisted.internet import reactor
+
+            self.wfile.write(b"%d %s\n" % (os.getpid(), type(reactor).__name__.encode()))
+            return
         if line == b"log":
             self.server.log.info("request logged by the handler")
         self.wfile.write(b"%d %d %d\n" % (os.getpid(), self.server.generation, os.getuid()))

@@ -276,3 +276,18 @@ def test_main_module_targets_are_refused():
             PreforkService("__main__.SpoonTestServer")
     finally:
         del __main__.SpoonTestServer
+
+
+def test_workers_get_the_reactor_kind_of_this_process():
+    """The supervisor is told which reactor its workers install: the one named, else the
+    kind this process runs (twistd --reactor poll), else nothing (a fake reactor)."""
+    from twisted.internet.pollreactor import PollReactor
+
+    from spoon.service import reactor_short_name
+
+    assert reactor_short_name(PollReactor()) == "poll"
+    assert reactor_short_name(ProcessReactor()) is None
+    svc = PreforkService("spoon.examples.EchoServer", reactor=ProcessReactor())
+    assert "--reactor" not in svc.supervisor_args()
+    svc = PreforkService("spoon.examples.EchoServer", reactor=ProcessReactor(), reactor_name="select")
+    assert svc.supervisor_args()[-2:] == ["--reactor", "select"]

@@ -413,6 +413,29 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
     assert "pool stopped" in run.log()
 
 
+def test_twistd_reactor_option_reaches_the_workers(twistd):
+    """twistd --reactor poll: the pool's workers run a poll reactor too."""
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", "0", "-s", "2"],
+                 daemon=False, twistd_args=["--reactor", "poll"])
+    port = run.port()
+    workers = wait_for(lambda: len(_worker_pids(run)) == 2 and _worker_pids(run), 30, what="2 workers")
+    seen = {}
+
+    def every_worker_said():
+        reply = _try(request, ("127.0.0.1", port), b"reactor\n", 10.0)
+        if not reply:
+            return False
+        pid, name = reply.split()
+        seen[int(pid)] = name.decode()
+        return set(workers) <= set(seen)
+
+    wait_for(every_worker_said, 30, interval=0, what="the reactor of each worker (seen %s)" % seen)
+    assert set(seen.values()) == {"PollReactor"}, seen
+    assert "--reactor poll" in " ".join(open("/proc/%d/cmdline" % children_of(run.pid)[0]).read().split("\0"))
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
+
+
 def _free_privileged_port():
     for port in range(783, 1024):
         with socket.socket() as probe:
