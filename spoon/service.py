@@ -195,41 +195,6 @@ def _descendants(pid):
     return found
 
 
-#: Run by the supervisor's interpreter when it must drop privileges itself: it is executed
-#: while twistd is still root (an interpreter installed in a directory only root can read
-#: could not be executed as "nobody"), imports what the supervisor and its workers need
-#: while it can, switches user, and only then runs ``spoon.prefork.main`` (which sets the
-#: parent-death signal: a change of credentials would clear it).
-_DROP_PRIVILEGES_AND_RUN = """# spoon.prefork supervisor: switch user, then run
-import importlib, os, pwd, sys
-uid, gid, target = sys.argv[1:4]
-argv = sys.argv[4:]
-import spoon.prefork, spoon.worker, spoon.server, spoon.adapter
-import twisted.internet.default, twisted.internet.epollreactor, twisted.internet.pollreactor
-import twisted.internet.selectreactor, twisted.internet.tcp, twisted.internet.udp
-import twisted.application.reactors
-list(twisted.application.reactors.getReactorTypes())  # the plugin scan, while readable
-try:
-    importlib.import_module(target.rpartition(".")[0])
-except Exception:
-    pass  # the supervisor reports it
-uid = int(uid) if uid != "-" else None
-gid = int(gid) if gid != "-" else None
-if uid is not None and gid is None:
-    gid = pwd.getpwuid(uid).pw_gid
-if gid is not None:
-    os.setgid(gid)
-if uid is not None:
-    try:
-        os.initgroups(pwd.getpwuid(uid).pw_name, gid)
-    except KeyError:
-        os.setgroups([gid])
-    os.setuid(uid)
-sys.argv[0] = "spoon.prefork"
-sys.exit(spoon.prefork.main(argv))
-"""
-
-
 class PreforkService(service.Service):
     """Run a pre-forked pool of ``target`` (dotted path of a spoon server class, or of a
     callable returning a Twisted ``IProtocolFactory``) on one listening socket.
@@ -362,13 +327,15 @@ class PreforkService(service.Service):
 
     def supervisor_args(self):
         """The supervisor's command line (``python -m spoon.prefork ...``)."""
-        options = ["--fd", str(CHILD_SOCKET_FD), "--target", self.target]
+        args = [self.python, "-m", "spoon.prefork", "--fd", str(CHILD_SOCKET_FD), "--target", self.target]
         if self._drops_privileges():
-            args = [self.python, "-c", _DROP_PRIVILEGES_AND_RUN]
-            args += ["-" if self.uid is None else str(self.uid), "-" if self.gid is None else str(self.gid)]
-            args += [self.target] + options
-        else:
-            args = [self.python, "-m", "spoon.prefork"] + options
+            # Executed while this process is still privileged (an interpreter installed
+            # where only root can read could not be executed as "nobody"); the supervisor
+            # imports what the pool needs, then switches user before forking a worker.
+            if self.uid is not None:
+                args += ["--uid", str(self.uid)]
+            if self.gid is not None:
+                args += ["--gid", str(self.gid)]
         if self.workers is not None:
             args += ["--workers", str(int(self.workers))]
         if self.graceful_timeout is not None:

@@ -425,3 +425,40 @@ def test_unknown_reactor_fails_with_a_message(pools, targets):
     assert pool.proc.wait(timeout=20) == 2
     assert "no reactor named 'nosuch'" in pool.log()
     assert children_of(pool.pid) == []
+
+
+def _uids(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(x) for x in line.split()[1:]]
+    raise AssertionError("no Uid line for %d" % pid)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching user needs root")
+def test_uid_gid_switch_user_before_forking(pools, targets):
+    """--uid/--gid: the supervisor imports, then becomes nobody; the workers it forks are
+    nobody too and serve."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.EchoPool", targets, "--workers", "2", "--uid", "nobody", "--gid", str(nobody.pw_gid))
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20, what="2 workers:\n" + pool.log())
+    workers = set(children_of(pool.pid))
+    serving_pids(port, workers)
+    for pid in [pool.pid, *workers]:
+        assert _uids(pid) == [nobody.pw_uid] * 4, pid
+    assert "Supervisor runs as uid %d gid %d" % (nobody.pw_uid, nobody.pw_gid) in pool.log()
+    pool.proc.send_signal(signal.SIGTERM)
+    assert pool.proc.wait(timeout=20) == 0
+    assert_gone(workers)
+
+
+def test_unknown_user_fails_with_a_message(pools, targets):
+    with _listening() as sock:
+        pool = pools(sock, "pooltargets.EchoPool", targets, "--uid", "no-such-user-here")
+    assert pool.proc.wait(timeout=20) == 2
+    assert "no such user" in pool.log()
+    assert children_of(pool.pid) == []

@@ -460,6 +460,12 @@ def test_privileged_port_and_privilege_drop(twistd):
     for pid in run.processes():
         assert _status_uid(pid) == [nobody] * 4, pid
     assert ask(port)[2] == nobody
+    # The supervisor is "python -m spoon.prefork ... --uid 65534 --gid 65534", executed
+    # while twistd was root; it switched user itself.
+    supervisor = children_of(run.pid)[0]
+    with open("/proc/%d/cmdline" % supervisor) as f:
+        argv = f.read().split("\0")
+    assert argv[1:3] == ["-m", "spoon.prefork"] and "--uid" in argv, argv
     run.signal(signal.SIGTERM)
     run.wait_gone()
 
