@@ -52,6 +52,10 @@ CRASH_LOOP_FORK_INTERVAL = 1.0
 FAST_STOP_TIMEOUT = 3.0
 #: Default seconds without a heartbeat after which a worker is killed.
 DEFAULT_WORKER_TIMEOUT = 30
+#: Seconds between asking a silent worker for its tracebacks and killing it, so that the
+#: dump is written before the SIGKILL; also between two workers' dumps, so that each one
+#: follows the log line naming its worker.
+DUMP_GRACE = 0.2
 #: Longest sleep of the supervisor loop (it also polls for dead workers and its parent).
 LOOP_TICK = 0.5
 
@@ -79,7 +83,7 @@ def _describe_status(status):
 class WorkerRecord:
     """What the supervisor knows about one worker."""
 
-    __slots__ = ("pid", "fd", "born", "last_beat", "ready", "retiring", "retire_deadline", "killed")
+    __slots__ = ("pid", "fd", "born", "last_beat", "ready", "retiring", "retire_deadline", "killed", "dumped_at")
 
     def __init__(self, pid, fd, now):
         self.pid = pid
@@ -90,6 +94,7 @@ class WorkerRecord:
         self.retiring = False
         self.retire_deadline = None
         self.killed = False
+        self.dumped_at = None  # when its tracebacks were asked for (its heartbeat late)
 
 
 class Supervisor:
@@ -121,6 +126,10 @@ class Supervisor:
             else getattr(server, "worker_timeout", None) or DEFAULT_WORKER_TIMEOUT
         )
         self.heartbeat_interval = heartbeat_interval(self.worker_timeout)
+        # Tracebacks of a stuck worker reach the log shortly before it is killed.
+        self.dump_after = max(
+            self.worker_timeout - 2 * self.heartbeat_interval, self.worker_timeout * 0.6
+        )
         # The workers' own drain limit is the pool's (set before they are forked).
         server.graceful_timeout = self.graceful_timeout
         self.parent_pid = parent_pid
@@ -137,6 +146,7 @@ class Supervisor:
         self._quick_deaths = 0
         self._crash_looping = False
         self._last_fork = 0.0
+        self._last_dump = float("-inf")
         self._loop_thread = None
         self._done = threading.Event()
         self._handlers = self._signal_handlers()
@@ -327,6 +337,18 @@ class Supervisor:
             timeout = min(timeout, self._stop_deadline - now)
         if self._crash_looping and len(self._active()) < self.target:
             timeout = min(timeout, self._last_fork + CRASH_LOOP_FORK_INTERVAL - now)
+        for w in self.workers.values():
+            if w.killed:
+                continue
+            if w.dumped_at is None:
+                timeout = min(
+                    timeout, max(w.last_beat + self.dump_after, self._last_dump + DUMP_GRACE) - now
+                )
+            else:
+                timeout = min(
+                    timeout,
+                    max(w.last_beat + self.worker_timeout, w.dumped_at + DUMP_GRACE) - now,
+                )
         if self._queue:
             timeout = 0
         self._poll(timeout)
@@ -370,6 +392,7 @@ class Supervisor:
             w.fd = None
             return
         w.last_beat = now
+        w.dumped_at = None
         if not w.ready and worker.Heartbeat.READY in data:
             w.ready = True
             self.log.info("Worker %d serving", w.pid)
@@ -481,8 +504,6 @@ class Supervisor:
                 self.pid,
                 self.heartbeat_interval,
                 close,
-                # Tracebacks of a stuck worker reach the log shortly before it is killed.
-                dump_after=max(self.worker_timeout - 2 * self.heartbeat_interval, self.worker_timeout * 0.6),
                 reactor_module=self._reactor_module,
             )
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -543,7 +564,20 @@ class Supervisor:
             if w.killed:
                 continue
             silent = now - w.last_beat
-            if silent > self.worker_timeout:
+            if w.dumped_at is None and silent > self.dump_after:
+                if now < self._last_dump + DUMP_GRACE:
+                    continue  # one dump at a time, so that two do not interleave
+                # The log says which worker the traceback that follows belongs to.
+                self.log.error(
+                    "Worker %d: no heartbeat for %.1fs; the tracebacks of its threads follow",
+                    w.pid,
+                    silent,
+                )
+                _flush_log_handlers(self.log)
+                w.dumped_at = self._last_dump = now
+                self._kill(w.pid, worker.DUMP_SIGNAL)
+                continue
+            if silent > self.worker_timeout and now - w.dumped_at >= DUMP_GRACE:
                 self.log.error(
                     "Worker %d timed out: no heartbeat for %.1fs (worker_timeout %ss); killing it",
                     w.pid,
@@ -619,6 +653,26 @@ class Supervisor:
                     self._forget(pid, status)
             if self.workers:
                 time.sleep(0.01)
+
+
+def _flush_log_handlers(log):
+    """Flush the handlers ``log`` writes through (a worker's dump goes straight to the
+    shared stderr and must come after the line announcing it)."""
+    logger = log
+    while logger is not None:
+        for handler in getattr(logger, "handlers", ()):
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        if not getattr(logger, "propagate", False):
+            break
+        logger = logger.parent
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
 
 
 # -- the command line -----------------------------------------------------------------

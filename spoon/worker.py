@@ -29,6 +29,12 @@ SUPERVISOR_SIGNALS = (
     signal.SIGCHLD,
 )
 
+#: Sent by the supervisor to a worker whose heartbeat is late, just after logging which
+#: worker it is: the worker's faulthandler writes every thread's traceback to stderr, from
+#: the C signal handler (so even a worker stuck in a CPU loop or a blocking call answers).
+#: A real-time signal, which no server class uses for reload or shutdown.
+DUMP_SIGNAL = signal.SIGRTMIN + 1
+
 #: Reactor classes whose state can be rebuilt in a forked child (their only kernel objects
 #: are the poller and the waker).  Others (asyncio, ...) keep state we cannot renew.
 _RENEWABLE_REACTORS = {
@@ -285,6 +291,11 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump
     # The supervisor blocked its signals around fork(); now that our handlers are in
     # place, whatever arrived meanwhile is delivered to them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
+
+    try:
+        faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    except (ValueError, AttributeError, OSError, RuntimeError):
+        pass  # no usable stderr: the supervisor's log line is all there will be
 
     # A worker never outlives its supervisor, even one killed by SIGKILL.
     linux.set_parent_death_signal(signal.SIGKILL)

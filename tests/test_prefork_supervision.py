@@ -142,8 +142,15 @@ def test_stuck_workers_are_killed_and_replaced(server_process):
     out = proc.read_output()
     for pid in before:
         assert "Worker %d timed out: no heartbeat" % pid in out, out
-    # Where they were stuck (the spin loop, the sleep) was dumped before the kill.
+    # Where they were stuck (the spin loop, the sleep) was dumped before the kill, each
+    # dump after a line naming its worker.
     assert len(re.findall(r'File "<string>", line \d+ in handle', out)) >= 2, out
+    for pid in before:
+        header = out.index("Worker %d: no heartbeat for" % pid)
+        killed = out.index("Worker %d timed out: no heartbeat" % pid)
+        assert header < killed
+        assert re.search(r'(Current thread|Thread 0x).*\n  File "<string>", line \d+ in handle',
+                         out[header:killed]), out
 
 
 def test_workers_exit_when_the_master_is_killed(server_process):
