@@ -287,6 +287,7 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, server.interrupt_handler)
+    _drain_on_term(server)
     server._install_signal_handlers()
     # The supervisor blocked its signals around fork(); now that our handlers are in
     # place, whatever arrived meanwhile is delivered to them.
@@ -323,6 +324,22 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump
     _SpoonMixIn.serve_forever(server)
     heartbeat.stop()
     return 0
+
+
+def _drain_on_term(server):
+    """A class without a shutdown signal of its own (``signal_shutdown = None``) still
+    drains on a pool stop: the supervisor sends SIGTERM to the workers it forked, and the
+    worker handles it with the server's graceful ``shutdown_handler`` (installed wherever
+    the server installs its handlers, so also over the reactor's own once it runs)."""
+    if getattr(server, "signal_shutdown", None) is not None:
+        return
+    install = server._install_signal_handlers
+
+    def install_with_term():
+        install()
+        signal.signal(signal.SIGTERM, server.shutdown_handler)
+
+    server._install_signal_handlers = install_with_term
 
 
 def _balance_stream_listening(server):

@@ -36,6 +36,13 @@ class EchoPool(spoon.server.TCPSpork):
         self.generation += 1
 
 
+class NoShutdownSignal(EchoPool):
+    """Installs no shutdown handler of its own (as in one process: TERM kills it)."""
+
+    signal_shutdown = None
+    prefork = 2
+
+
 def site():
     """A plain Twisted web site answering with the worker's pid."""
     from twisted.web import resource, server
@@ -462,3 +469,34 @@ def test_unknown_user_fails_with_a_message(pools, targets):
     assert pool.proc.wait(timeout=20) == 2
     assert "no such user" in pool.log()
     assert children_of(pool.pid) == []
+
+
+def test_pool_term_drains_workers_of_a_class_without_shutdown_signal(pools, targets):
+    """signal_shutdown = None: a pool TERM still drains the workers (each one handles the
+    supervisor's SIGTERM) instead of killing them with the request in flight."""
+    import re
+
+    with _listening() as sock:
+        port = sock.getsockname()[1]
+        pool = pools(sock, "pooltargets.NoShutdownSignal", targets, "--graceful-timeout", "15")
+    wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20)
+    workers = set(children_of(pool.pid))
+    serving_pids(port, workers)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        # A request in flight: its handler waits for the line.
+        pool.proc.send_signal(signal.SIGTERM)
+        draining = lambda: {int(p) for p in re.findall(r"\[(\d+)\] \S+ INFO: SIGTERM received", pool.log())}
+        try:
+            wait_for(lambda: draining() == workers, timeout=20, what="both workers draining")
+        except AssertionError:
+            raise AssertionError(pool.log())
+        client.sendall(b"hi\n")
+        reply = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    assert int(reply.split()[0]) in workers
+    assert pool.proc.wait(timeout=20) == 0
+    assert "killed by SIGTERM" not in pool.log()
