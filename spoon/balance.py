@@ -21,6 +21,10 @@ accepting.
 With Twisted's own transport (any other factory) the handler never runs at accept time, so
 that port takes exactly one connection per wake-up.
 
+A single process (``shared=False``: ``serve_forever()`` of a Spoon, ``twistd spoon -s 1``)
+has no sibling to leave a connection to, so there the port simply accepts what waits, up to
+``accepts_per_read`` per wake-up.
+
 It uses only public interfaces: ``IReactorFDSet.addReader`` for the listening socket; each
 accepted connection is handed to a ``serve(sock, peer)`` callable: spoon's lean transport
 for Gulp servers (:func:`serve_gulp`), ``IReactorSocket.adoptStreamConnection`` (Twisted's
@@ -48,10 +52,14 @@ class OneByOnePort:
     the port works on its own duplicate of the descriptor).  ``serve(conn, peer)`` starts
     serving one accepted, non-blocking socket; default :func:`serve_twisted`."""
 
-    #: Upper bound of connections accepted in one wake-up (each one done with at once).
+    #: Upper bound of connections accepted in one wake-up.
     accepts_per_read = 64
 
-    def __init__(self, sock, factory, reactor, serve=None):
+    def __init__(self, sock, factory, reactor, serve=None, shared=True):
+        #: Other processes accept on the same socket.  When False (a single process)
+        #: there is nobody to leave a connection to: every wake-up accepts at once, up
+        #: to ``accepts_per_read``, without the one-by-one policy and its delayed call.
+        self.shared = shared
         self.factory = factory
         self.reactor = reactor
         self.family = sock.family
@@ -108,6 +116,9 @@ class OneByOnePort:
         return "OneByOnePort"
 
     def doRead(self):
+        if not self.shared:
+            self._accept_all()
+            return
         if self._accept_scheduled:
             return
         if not self.factory.connections:
@@ -151,6 +162,12 @@ class OneByOnePort:
             if not self._listening or not self._accept_now():
                 return
             if self.factory.connections:
+                return
+
+    def _accept_all(self):
+        """Accept whatever waits (up to ``accepts_per_read``): nobody else would."""
+        for _ in range(self.accepts_per_read):
+            if not self._listening or not self._accept_now():
                 return
 
     def _accept_now(self):
@@ -203,8 +220,8 @@ def serve_gulp(factory, reactor):
     return serve
 
 
-def listen_one_by_one(sock, factory, reactor, serve=None):
+def listen_one_by_one(sock, factory, reactor, serve=None, shared=True):
     """Start a :class:`OneByOnePort` for ``factory`` on ``sock`` and return it."""
-    port = OneByOnePort(sock, factory, reactor, serve)
+    port = OneByOnePort(sock, factory, reactor, serve, shared)
     port.startListening()
     return port

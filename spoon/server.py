@@ -207,8 +207,14 @@ class _SpoonMixIn:
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
         self._factory = self.protocol_factory(reactor)
+        # One process: accept at once.  A pre-fork worker replaces this with the shared,
+        # one-by-one policy (spoon.worker).
         self._port = balance.listen_one_by_one(
-            self.socket, self._factory, reactor, balance.serve_gulp(self._factory, reactor)
+            self.socket,
+            self._factory,
+            reactor,
+            balance.serve_gulp(self._factory, reactor),
+            shared=False,
         )
 
     # -- serving --------------------------------------------------------------------------

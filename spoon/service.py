@@ -624,7 +624,11 @@ class ServeService(service.Service):
 
         if isinstance(self.factory, adapter.GulpFactory):
             return balance.listen_one_by_one(
-                sock, self.factory, self.reactor, balance.serve_gulp(self.factory, self.reactor)
+                sock,
+                self.factory,
+                self.reactor,
+                balance.serve_gulp(self.factory, self.reactor),
+                shared=False,
             )
         return self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
 
