@@ -201,12 +201,11 @@ class Heartbeat:
     READY = b"R"
     BEAT = b"."
 
-    def __init__(self, fd, interval, master_pid, on_orphaned, dump_after=None):
+    def __init__(self, fd, interval, master_pid, on_orphaned):
         self.fd = fd
         self.interval = interval
         self.master_pid = master_pid
         self.on_orphaned = on_orphaned
-        self.dump_after = dump_after
         self._loop = None
         self._first = True
         self._orphaned = False
@@ -221,22 +220,8 @@ class Heartbeat:
     def stop(self):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self.dump_after:
-            faulthandler.cancel_dump_traceback_later()
-
-    def _arm_dump(self):
-        """If no beat comes within ``dump_after`` seconds, a watchdog thread writes every
-        thread's traceback to stderr: the supervisor is about to kill this worker as stuck,
-        and the log then shows where it was stuck (even in a CPU loop or a blocking call,
-        which a Python-level handler could not interrupt)."""
-        try:
-            faulthandler.dump_traceback_later(self.dump_after, repeat=False, file=sys.stderr, exit=False)
-        except (ValueError, AttributeError, OSError, RuntimeError):
-            self.dump_after = None  # no usable stderr
 
     def beat(self):
-        if self.dump_after:
-            self._arm_dump()
         if os.getppid() != self.master_pid:
             self._orphan("parent %d is gone" % self.master_pid)
             return
@@ -256,15 +241,13 @@ class Heartbeat:
         self.on_orphaned(why)
 
 
-def run_worker(
-    server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(), dump_after=None, reactor_module=None
-):
+def run_worker(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds=(), reactor_module=None):
     """Body of a forked worker: serve ``server`` (its socket inherited) until stopped, then
     exit the process.  ``reactor_module``: module of the reactor to install (default: the
     inherited global reactor, else Twisted's default).  Never returns."""
     code = 1
     try:
-        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after, reactor_module)
+        code = _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, reactor_module)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -277,7 +260,7 @@ def run_worker(
         os._exit(code)
 
 
-def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump_after, reactor_module=None):
+def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, reactor_module=None):
     from spoon.reactors import reactor_for_serving
     from spoon.server import _SpoonMixIn
 
@@ -318,7 +301,7 @@ def _serve(server, heartbeat_fd, master_pid, heartbeat_interval, close_fds, dump
         reactor.callLater(1.0, os._exit, 1)
         server._begin_stop(False)
 
-    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned, dump_after)
+    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned)
     reactor.callWhenRunning(heartbeat.start, reactor)
     _balance_stream_listening(server)
     _SpoonMixIn.serve_forever(server)
