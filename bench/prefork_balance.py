@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 
+import procstat  # bench/procstat.py: /proc readings shared by the benchmarks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SERVER = r"""
@@ -87,24 +89,8 @@ server.serve_forever()
 """
 
 
-def children_of(pid):
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_request(port):
@@ -135,9 +121,9 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
         line = proc.stdout.readline().split()
         port = int(line[1])
         deadline = time.monotonic() + 15
-        while len(children_of(proc.pid)) < workers and time.monotonic() < deadline:
+        while len(procstat.descendants(proc.pid)) < workers and time.monotonic() < deadline:
             time.sleep(0.01)
-        pids = children_of(proc.pid)
+        pids = procstat.descendants(proc.pid)
         # Warm up: every worker answers once.
         seen = set()
         while set(pids) - seen and time.monotonic() < deadline:
@@ -171,7 +157,7 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
                     batch[pid] = max(batch.get(pid, 0), max_batch)
                     wake[pid] = max(wake.get(pid, 0), wakeups)
 
-        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        cpu0 = {pid: procstat.cpu_seconds([pid]) for pid in pids}
         t0 = time.monotonic()
         threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
         for t in threads:
@@ -183,7 +169,7 @@ def run(kind, seconds=5.0, clients=8, workers=2, busy_ms=20.0, burst=False):
         for t in threads:
             t.join(timeout=30)
         elapsed = time.monotonic() - t0
-        cpu = {pid: (cpu_seconds(pid) - cpu0[pid]) / elapsed for pid in pids}
+        cpu = {pid: (procstat.cpu_seconds([pid]) - cpu0[pid]) / elapsed for pid in pids}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

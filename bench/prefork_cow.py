@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import procstat  # bench/procstat.py: /proc readings shared by the benchmarks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SERVER = r"""
@@ -43,26 +45,8 @@ server.serve_forever()
 """
 
 
-def children_of(pid):
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                kids.append(int(entry))
-    return kids
 
 
-def pss_kib(pid):
-    with open("/proc/%d/smaps_rollup" % pid) as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    raise RuntimeError("no Pss for %d" % pid)
 
 
 def request(port, i):
@@ -89,9 +73,9 @@ def measure(klass, workers, chunks, requests):
         port = int(proc.stdout.readline().split()[1])
         deadline = time.monotonic() + 60
         expected = workers if klass == "TCPSpork" else 0
-        while len(children_of(proc.pid)) < expected and time.monotonic() < deadline:
+        while len(procstat.descendants(proc.pid)) < expected and time.monotonic() < deadline:
             time.sleep(0.01)
-        pids = children_of(proc.pid)
+        pids = procstat.descendants(proc.pid)
         seen = set()
         for i in range(requests * max(1, len(pids))):
             seen.add(request(port, i))
@@ -100,7 +84,7 @@ def measure(klass, workers, chunks, requests):
                 break
             seen.add(request(port, 0))
         time.sleep(0.5)  # let the processes settle before reading smaps (a measurement)
-        per_process = [pss_kib(proc.pid)] + [pss_kib(p) for p in pids]
+        per_process = [procstat.pss_kib([proc.pid])] + [procstat.pss_kib([p]) for p in pids]
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -42,6 +42,11 @@ def tree(root):
     return found
 
 
+def descendants(root):
+    """The living processes below ``root`` (a pre-fork supervisor's workers)."""
+    return [pid for pid in tree(root) if pid != root]
+
+
 def cpu_seconds(pids):
     """utime + stime of ``pids`` (all their threads) plus the CPU of children they have
     reaped (cutime + cstime: the forking servers' finished children)."""
