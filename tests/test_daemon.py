@@ -152,21 +152,27 @@ class Daemons:
         return request(("127.0.0.1", port), word.encode() + b"\n", timeout=timeout).decode()
 
     def kill_all(self):
-        pids = set(_processes_with_token(self.token))
-        for path in self.pid_files:
-            try:
-                pids.add(self.pid(path))
-            except (OSError, ValueError):
-                pass
-        for pid in pids:
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in pids:
-            wait_for(lambda: not pid_alive(pid), timeout=10, what="pid %d to die" % pid)
+        """SIGKILL every process of this test until none is left: a supervisor killed
+        after its workers may have forked a replacement in between, so one pass is not
+        enough."""
+        def alive():
+            pids = set(_processes_with_token(self.token))
+            for path in self.pid_files:
+                try:
+                    pids.add(self.pid(path))
+                except (OSError, ValueError):
+                    pass
+            return [p for p in pids if p != os.getpid() and pid_alive(p)]
+
+        def kill_round():
+            for pid in alive():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not alive()
+
+        wait_for(kill_round, timeout=20, interval=0.05, what="every daemon process to die")
 
 
 @pytest.fixture
