@@ -14,10 +14,10 @@ from spoon.server import TCPSpoon
 
 @pytest.fixture
 def sleeper():
-    """A real process to signal; killed at the end whatever happened."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
-    )
+    """A real process to signal; killed at the end whatever happened.  A plain ``sleep``,
+    so that a signal has its default effect at any moment (a Python child would turn an
+    early SIGINT into KeyboardInterrupt depending on how far its start-up got)."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     yield proc
     if proc.poll() is None:
         proc.kill()
