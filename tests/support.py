@@ -199,3 +199,47 @@ class ServerProcess:
             self.proc.stdout.close()
 
     _pending = b""
+
+
+class SentryCollector:
+    """A real HTTP server on 127.0.0.1 standing in for Sentry: records every (path, body)
+    it is sent (gzip bodies decompressed).  Use as a context manager; ``dsn(project)``
+    is a DSN pointing at it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Collector(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                received.append((self.path, body))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}
+        )
+
+    def dsn(self, project):
+        return "http://publickey@127.0.0.1:%d/%d" % (self.server.server_address[1], project)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+        self.server.server_close()

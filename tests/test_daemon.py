@@ -9,18 +9,16 @@ half-way.  All waits are bounded polls.
 import os
 import re
 import signal
-import http.server
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 
 import spoon.daemon
-from support import ROOT, children_of, pid_alive, request, wait_for
+from support import ROOT, SentryCollector, children_of, pid_alive, request, wait_for
 
 PROBE_MODULE = '''
 """A server whose answers show what the daemon did: its config generation and pid."""
@@ -631,39 +629,14 @@ def test_sentry_dsn_reports_from_the_daemon(daemons):
     """-S with sentry-sdk installed: a warning logged by the detached daemon reaches the
     DSN's server (a real HTTP server on 127.0.0.1 recording what it is sent)."""
     pytest.importorskip("sentry_sdk")
-    received = []
-
-    class Collector(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.headers.get("Content-Encoding") == "gzip":
-                import gzip
-
-                body = gzip.decompress(body)
-            received.append(body)
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    collector = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    thread = threading.Thread(target=collector.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        dsn = "http://publickey@127.0.0.1:%d/3" % collector.server_address[1]
-        pid, port = daemons.start("-S", dsn)
+    with SentryCollector() as collector:
+        pid, port = daemons.start("-S", collector.dsn(3))
         assert daemons.ask(port, "warn") == "warned\n"
         wait_for(
-            lambda: any(b"probe warning from %d" % pid in body for body in received),
+            lambda: any(b"probe warning from %d" % pid in body for _, body in collector.received),
             timeout=30,
             what="the warning at the Sentry server",
         )
-    finally:
-        collector.shutdown()
-        thread.join(timeout=10)
-        collector.server_close()
 
 
 DETACH_FAILING = """

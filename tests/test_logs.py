@@ -5,17 +5,15 @@ Each test configures logging in a child Python process: logging and Twisted's gl
 are process-wide state that the test runner itself must not inherit.
 """
 
-import http.server
 import os
 import re
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 
-from support import ROOT
+from support import ROOT, SentryCollector
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
 
@@ -221,35 +219,9 @@ def test_sentry_receives_warnings(tmp_path):
     """With sentry-sdk installed (the ``sentry`` extra), warnings reach the DSN's server:
     here a real HTTP server on 127.0.0.1 that records what it is sent."""
     pytest.importorskip("sentry_sdk")
-    received = []
-
-    class Collector(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.headers.get("Content-Encoding") == "gzip":
-                import gzip
-
-                body = gzip.decompress(body)
-            elif self.headers.get("Content-Encoding") == "br":
-                pytest.fail("brotli body: cannot inspect")
-            received.append((self.path, body))
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        dsn = "http://publickey@127.0.0.1:%d/7" % server.server_address[1]
-        run_python(SENTRY, dsn)
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
-        server.server_close()
+    with SentryCollector() as collector:
+        run_python(SENTRY, collector.dsn(7))
+    received = collector.received
     assert received, "nothing reached the Sentry server"
     assert any(path.startswith("/api/7/") for path, _ in received)
     assert any(b"reported to sentry 42" in body for _, body in received)
