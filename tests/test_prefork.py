@@ -11,7 +11,7 @@ import threading
 import time
 
 
-from support import children_of, pid_alive, pss_kib, wait_for
+from support import children_of, pid_alive, pss_kib, recv_all, wait_for
 
 # A Spork whose handler answers "<worker pid> <config generation> <pids is None>" and can
 # be asked to wait (cooperatively), spin the CPU or block.  argv: prefork worker_timeout
@@ -90,12 +90,7 @@ def ask(port, command=b"pid", timeout=10.0):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(command + b"\n")
         sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_all(sock)
     pid, generation, none = data.split()
     return int(pid), int(generation), none == b"True"
 
@@ -189,12 +184,7 @@ class Load:
                 with sock:
                     sock.sendall(self.command + b"\n")
                     sock.shutdown(socket.SHUT_WR)
-                    data = b""
-                    while True:
-                        chunk = sock.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
+                    data = recv_all(sock)
                 pid = int(data.split()[0])
             except (OSError, ValueError, IndexError) as e:
                 with self._lock:

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from support import ROOT, children_of, wait_for
+from support import ROOT, children_of, recv_all, wait_for
 from test_prefork import ask, assert_gone, serving_pids
 
 TARGETS = '''
@@ -335,12 +335,7 @@ def test_site_pool_stop_lets_a_slow_request_finish(pools, targets):
         # (Whether the worker has read it yet or not: the connection was busy less than
         # IDLE_CLOSE_AFTER ago, and then carries a request in progress.)
         pool.proc.send_signal(signal.SIGTERM)
-        rest = b""
-        while True:
-            chunk = client.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        rest = recv_all(client)
         assert rest.startswith(b"HTTP/1.1 200")
         body = rest.split(b"\r\n\r\n", 1)[1]  # chunked: "<size>\r\n<pid>\r\n0\r\n\r\n"
         assert int(body.split(b"\r\n")[1]) in workers
@@ -353,13 +348,7 @@ def _send_half_close_and_read(port, body, timeout=30):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as client:
         client.sendall(body)
         client.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = client.recv(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    reply = b"".join(chunks)
+        reply = recv_all(client, limit=1 << 30)
     header, _, rest = reply.partition(b"\n")
     assert header, "connection closed without an answer: half-close not passed through"
     pid, length = map(int, header.split())
@@ -399,12 +388,7 @@ def _reactors_of(port, workers):
 
     def every_worker_said():
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
-            reply = b""
-            while True:
-                chunk = client.recv(100)
-                if not chunk:
-                    break
-                reply += chunk
+            reply = recv_all(client)
         pid, name = reply.split()
         seen[int(pid)] = name.decode()
         return set(workers) <= set(seen)
@@ -491,12 +475,7 @@ def test_pool_term_drains_workers_of_a_class_without_shutdown_signal(pools, targ
         except AssertionError:
             raise AssertionError(pool.log())
         client.sendall(b"hi\n")
-        reply = b""
-        while True:
-            chunk = client.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
+        reply = recv_all(client)
     assert int(reply.split()[0]) in workers
     assert pool.proc.wait(timeout=20) == 0
     assert "killed by SIGTERM" not in pool.log()
