@@ -721,7 +721,9 @@ class GulpDatagramProtocol(DatagramProtocol):
             try:
                 self.server.handle_error(request, addr)
             except Exception:
-                pass
+                log = getattr(self.server, "log", None)
+                if log is not None:
+                    log.exception("handle_error itself failed")
         finally:
             self.active_handlers -= 1
 
