@@ -98,12 +98,7 @@ def one_request(port):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"x\n")
         s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = s.recv(256)
-            if not chunk:
-                break
-            data += chunk
+        data = s.makefile("rb").read()  # to EOF
     pid, max_batch, wakeups = map(int, data.split())
     return pid, time.perf_counter() - start, max_batch, wakeups
 

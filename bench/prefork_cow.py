@@ -53,12 +53,7 @@ def request(port, i):
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"key-%d\n" % i)
         s.shutdown(socket.SHUT_WR)
-        data = b""
-        while True:
-            chunk = s.recv(256)
-            if not chunk:
-                break
-            data += chunk
+        data = s.makefile("rb").read()  # to EOF
     return int(data.split()[0])
 
 

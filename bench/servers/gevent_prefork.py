@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 
-from handlers import CHUNK, burn, ready
+from handlers import big_transfer, burn, ready
 
 
 def handlers():
@@ -28,20 +28,7 @@ def handlers():
         sock.sendall(b"%d\n" % os.getpid())
 
     def big(sock, address):
-        rfile = sock.makefile("rb")
-        words = rfile.readline().split()
-        left = int(words[1])
-        while left > 0:
-            chunk = rfile.read(min(left, CHUNK))
-            if not chunk:
-                return
-            left -= len(chunk)
-        block = b"y" * CHUNK
-        left = int(words[2])
-        while left > 0:
-            n = min(left, CHUNK)
-            sock.sendall(block if n == CHUNK else block[:n])
-            left -= n
+        big_transfer(sock.makefile("rb"), sock.sendall)
 
     return {"echo": echo, "pingpong": pingpong, "cpu": cpu, "big": big}
 

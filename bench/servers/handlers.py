@@ -22,6 +22,24 @@ def burn(seconds=CPU_BURN):
         pass
 
 
+def big_transfer(rfile, write):
+    """``BIG in out``: read ``in`` bytes of body from ``rfile``, then ``write`` ``out`` bytes
+    (the large-transfer scenario; shared by the socketserver-style and gevent handlers)."""
+    words = rfile.readline().split()
+    left = int(words[1])
+    while left > 0:
+        chunk = rfile.read(min(left, CHUNK))
+        if not chunk:
+            return
+        left -= len(chunk)
+    block = b"y" * CHUNK
+    left = int(words[2])
+    while left > 0:
+        n = min(left, CHUNK)
+        write(block if n == CHUNK else block[:n])
+        left -= n
+
+
 def make_handlers(base):
     """Handler classes on ``base`` (a StreamRequestHandler-like class), by name."""
 
@@ -52,19 +70,7 @@ def make_handlers(base):
         """``BIG in out``: read ``in`` bytes of body, reply with ``out`` bytes."""
 
         def handle(self):
-            words = self.rfile.readline().split()
-            left = int(words[1])
-            while left > 0:
-                chunk = self.rfile.read(min(left, CHUNK))
-                if not chunk:
-                    return
-                left -= len(chunk)
-            block = b"y" * CHUNK
-            left = int(words[2])
-            while left > 0:
-                n = min(left, CHUNK)
-                self.wfile.write(block if n == CHUNK else block[:n])
-                left -= n
+            big_transfer(self.rfile, self.wfile.write)
 
     return {"echo": Echo, "pingpong": PingPong, "cpu": Cpu, "big": Big}
 
