@@ -12,6 +12,7 @@ handler can also wait for a Twisted ``Deferred`` (:func:`wait`) without blocking
 """
 
 import errno
+import logging
 import socket
 
 import greenlet
@@ -136,9 +137,7 @@ class GulpProtocol(Protocol):
     """
 
     factory = None
-    handler_klass = None
     client_address = None
-    connected_flag = False
 
     def __init__(self):
         self._buf = bytearray()
@@ -160,7 +159,7 @@ class GulpProtocol(Protocol):
 
     def connectionMade(self):
         factory = self.factory
-        klass = factory.handler_klass
+        klass = factory.server.RequestHandlerClass
         self._high_water = getattr(klass, "read_high_water", DEFAULT_READ_HIGH_WATER)
         self._max_line = getattr(klass, "max_line_length", DEFAULT_MAX_LINE_LENGTH)
         addr = getattr(self.transport, "peer_tuple", None)
@@ -228,27 +227,13 @@ class GulpProtocol(Protocol):
     # -- handler greenlet -----------------------------------------------------------------
 
     def _run_handler(self):
-        """Body of the handler greenlet: socketserver's process_request for one connection."""
+        """Body of the handler greenlet: socketserver's request sequence for one
+        connection (:func:`serve_request`)."""
         factory = self.factory
-        server = factory.server
         factory.active_handlers += 1
         self._greenlet = greenlet.getcurrent()
         try:
-            klass = factory.handler_klass
-            if factory.plain_new:
-                # Same as klass(...), without a C-level call between the greenlet and
-                # the handler's frames: a suspended handler then saves less stack.
-                handler = object.__new__(klass)
-                handler.__init__(self.socket, self.client_address, server)
-            else:
-                klass(self.socket, self.client_address, server)
-        except greenlet.GreenletExit:
-            raise
-        except BaseException:
-            try:
-                server.handle_error(self.socket, self.client_address)
-            except Exception:
-                factory.log_failure("handle_error itself failed")
+            serve_request(factory.server, self.socket, self.client_address, factory.log)
         finally:
             factory.active_handlers -= 1
             self._greenlet = None
@@ -414,6 +399,36 @@ class GulpProtocol(Protocol):
         self.transport.write(chunk)
 
 
+def serve_request(server, request, client_address, log=None):
+    """socketserver's sequence for one accepted request, in the calling greenlet:
+    ``verify_request``; if it accepts, ``process_request`` (whose stock version calls
+    ``finish_request``, which builds the handler, then ``shutdown_request``); if it
+    refuses, ``shutdown_request`` without building the handler; ``handle_error`` when
+    any of them raised.  Overrides of each hook are honoured.
+
+    Unlike socketserver's loop, an exception never escapes: it concerns this request
+    only, and a failing ``handle_error`` or ``shutdown_request`` is logged on ``log``.
+    """
+    try:
+        if not server.verify_request(request, client_address):
+            server.shutdown_request(request)
+            return
+        server.process_request(request, client_address)
+    except greenlet.GreenletExit:
+        raise
+    except BaseException:
+        try:
+            server.handle_error(request, client_address)
+        except Exception:
+            if log is not None:
+                log.exception("handle_error itself failed")
+        try:
+            server.shutdown_request(request)
+        except Exception:
+            if log is not None:
+                log.exception("shutdown_request failed")
+
+
 class GreenSocket:
     """What a stream handler gets as ``self.request`` / ``self.connection``: the socket
     methods handlers commonly call, made cooperative."""
@@ -492,7 +507,10 @@ class GreenSocket:
             proto.transport.loseWriteConnection()
 
     def close(self):
-        """Closing is done when the handler returns (as socketserver does)."""
+        """Close the connection once what was written is sent (socketserver's
+        ``close_request()`` calls this; the connection is also closed when the handler's
+        request is over, whatever an override of ``close_request()`` does)."""
+        self._proto._close()
 
     def makefile(self, mode="r", buffering=None, **kwargs):
         if "w" in mode:
@@ -623,13 +641,13 @@ class GulpFactory(Factory):
     protocol = GulpProtocol
     noisy = False
 
-    def __init__(self, server, handler_klass, reactor=None, log=None, lazy_start=False):
+    def __init__(self, server, reactor=None, log=None, lazy_start=False):
+        #: A ``socketserver.BaseServer`` (a Spoon): its hooks run each request and its
+        #: ``RequestHandlerClass`` sets the connection's limits.
         self.server = server
-        self.handler_klass = handler_klass
         #: Start a connection's handler at its first byte (or EOF) instead of at accept:
         #: only correct for protocols where the client speaks first.
         self.lazy_start = lazy_start
-        self.plain_new = handler_klass.__new__ is object.__new__
         self.reactor = _reactor(reactor)
         self.log = log
         self.pool = None
@@ -668,9 +686,6 @@ class GulpFactory(Factory):
             abort = getattr(transport, "abortConnection", None)
             (abort or transport.loseConnection)()
 
-    def log_failure(self, what):
-        if self.log is not None:
-            self.log.exception(what)
 
 
 class _DatagramReply:
@@ -691,39 +706,48 @@ class _DatagramReply:
         return (host.host, host.port)
 
 
+def report_truncated(log, client_address, max_packet_size):
+    """Log a datagram dropped for being larger than ``max_packet_size``."""
+    log.warning(
+        "Dropped a datagram from %s: larger than max_packet_size (%d bytes), it would "
+        "have reached the handler truncated",
+        client_address,
+        max_packet_size,
+    )
+
+
 class GulpDatagramProtocol(DatagramProtocol):
     """The datagram protocol of a UDP Spoon: one handler run per datagram, in a greenlet so
-    that it may ``wait()`` on Deferreds."""
+    that it may ``wait()`` on Deferreds.
+
+    Listen with ``maxPacketSize`` one above the server's ``max_packet_size``: a datagram
+    that fills the larger buffer was cut by the kernel and is dropped with a warning
+    instead of reaching the handler truncated.
+    """
 
     noisy = False
 
-    def __init__(self, server, handler_klass, reactor=None):
+    def __init__(self, server, reactor=None):
         self.server = server
-        self.handler_klass = handler_klass
         self.reactor = _reactor(reactor)
+        self.log = getattr(server, "log", None) or logging.getLogger("spoon.adapter")
         self.pool = None
         self.active_handlers = 0
         self.connections = ()
 
     def datagramReceived(self, data, addr):
+        limit = self.server.max_packet_size
+        if len(data) > limit:
+            report_truncated(self.log, addr, limit)
+            return
         if self.pool is None:
             self.pool = GreenletPool(_current_hub())
         self.pool.spawn(self._run_handler, data, tuple(addr))
 
     def _run_handler(self, data, addr):
         self.active_handlers += 1
-        request = (data, _DatagramReply(self.transport))
         try:
-            self.handler_klass(request, addr, self.server)
-        except greenlet.GreenletExit:
-            raise
-        except BaseException:
-            try:
-                self.server.handle_error(request, addr)
-            except Exception:
-                log = getattr(self.server, "log", None)
-                if log is not None:
-                    log.exception("handle_error itself failed")
+            serve_request(self.server, (data, _DatagramReply(self.transport)), addr, self.log)
         finally:
             self.active_handlers -= 1
 

@@ -13,10 +13,12 @@ although ``MyEchoServer`` (a TCPSpoon) comes first in its MRO.
 
 import contextlib
 import logging
+import selectors
 import signal
 import socket
 import socketserver
 import threading
+import time
 
 from spoon import adapter, balance
 from spoon.logs import bridge_twisted_to_stdlib
@@ -107,8 +109,52 @@ def _address_text(address):
     return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
 
 
+#: The socketserver ``get_request`` implementations spoon knows: an override of any other
+#: kind cannot be honoured (the reactor accepts connections), so such a class is refused.
+_KNOWN_GET_REQUEST = (socketserver.TCPServer.get_request, socketserver.UDPServer.get_request)
+
+
+def check_server_class(klass):
+    """Raise TypeError, with the reason and the way out, when ``klass`` mixes in something
+    spoon cannot honour.
+
+    socketserver's ``ThreadingMixIn`` and ``ForkingMixIn`` run each request in a thread or
+    a forked child, but a spoon handler runs in a greenlet of the reactor thread and does
+    its I/O through that reactor: from another thread or process it would silently
+    misbehave.  A ``get_request()`` override is refused for the same reason: connections
+    are accepted by the reactor, never by a call to ``get_request()``.
+    """
+    for mixin, instead in (
+        (socketserver.ThreadingMixIn, "each connection already runs concurrently in its own greenlet"),
+        (socketserver.ForkingMixIn, "use TCPSpork/UDPSpork (a pool of pre-forked workers)"),
+    ):
+        if issubclass(klass, mixin):
+            raise TypeError(
+                "%s mixes in socketserver.%s, which spoon cannot honour: handlers run in "
+                "greenlets of the reactor thread; %s" % (klass.__qualname__, mixin.__name__, instead)
+            )
+    get_request = getattr(klass, "get_request", None)
+    if get_request is not None and get_request not in _KNOWN_GET_REQUEST + (
+        _DatagramMixIn.get_request,
+    ):
+        raise TypeError(
+            "%s overrides get_request(), which spoon cannot honour: connections are "
+            "accepted by the Twisted reactor.  Override verify_request() (accept or "
+            "refuse a client) or process_request() (wrap or account each request) "
+            "instead" % klass.__qualname__
+        )
+
+
 class _SpoonMixIn:
-    """A server that consumes Gulps in a single process."""
+    """A server that consumes Gulps in a single process.
+
+    The concrete classes are ``socketserver.TCPServer``/``UDPServer`` subclasses, so
+    socketserver's whole surface is theirs (see "socketserver compatibility" in the
+    README).  Connections are accepted by a Twisted reactor; each one then goes through
+    socketserver's own sequence, in its handler's greenlet: ``verify_request``, then
+    ``process_request`` (``finish_request`` builds the handler, ``shutdown_request`` and
+    ``close_request`` close the connection), ``handle_error`` when something raised.
+    """
 
     server_logger = "spoon-server"
     handler_klass = TCPGulp
@@ -118,6 +164,9 @@ class _SpoonMixIn:
     # Socket options.
     ipv6_only = False
     allow_reuse_address = True
+    #: socketserver's SO_REUSEPORT switch (Python 3.11 added it to socketserver; spoon
+    #: honours it on every Python it supports).
+    allow_reuse_port = False
     request_queue_size = 1024
     #: Seconds a graceful stop waits for in-flight handlers before closing them.
     graceful_timeout = 30
@@ -137,14 +186,41 @@ class _SpoonMixIn:
 
     socket_type = socket.SOCK_STREAM
 
+    def __init_subclass__(cls, **kwargs):
+        """A subclass written socketserver's way, with ``RequestHandlerClass = Handler``
+        as a class attribute, gets that handler as its ``handler_klass``: the two names
+        always mean the same class."""
+        super().__init_subclass__(**kwargs)
+        if "RequestHandlerClass" in cls.__dict__:
+            handler = cls.__dict__["RequestHandlerClass"]
+            if not isinstance(handler, property):
+                if "handler_klass" not in cls.__dict__:
+                    cls.handler_klass = handler
+                delattr(cls, "RequestHandlerClass")
+
+    @property
+    def RequestHandlerClass(self):
+        """socketserver's name for ``handler_klass`` (one attribute under two names)."""
+        return self.handler_klass
+
+    @RequestHandlerClass.setter
+    def RequestHandlerClass(self, klass):
+        self.handler_klass = klass
+
     def __init__(self, address, bind_and_activate=True):
+        check_server_class(type(self))
         self.log = logging.getLogger(self.server_logger)
-        self.server_address = tuple(address)
-        self.address_family = socket.AF_INET6 if ":" in str(address[0]) else socket.AF_INET
+        if not isinstance(address, (str, bytes)):
+            address = tuple(address)
+            if ":" in str(address[0]):
+                self.address_family = socket.AF_INET6
+        socketserver.BaseServer.__init__(self, address, self.handler_klass)
         self.socket = None
         self._reactor = None
         self._factory = None
         self._port = None
+        self._service_actions = None
+        self._poll_interval = 0.1
         self._serving_thread = None
         self._stopped = threading.Event()
         self._stopped.set()
@@ -152,40 +228,52 @@ class _SpoonMixIn:
         self._stopping = False
         self._grace_call = None
         self.load_config()
+        inherited = _inherited_sockets.pop() if _inherited_sockets else None
+        if inherited is not None:
+            # Bound (and listening) by a supervisor: server_bind() and server_activate()
+            # already happened there.
+            inherited.setblocking(False)
+            self.socket = inherited
+            self.address_family = inherited.family
+            self.server_address = inherited.getsockname()
+            self._install_signal_handlers()
+            return
+        self.socket = socket.socket(self.address_family, self.socket_type)
         if bind_and_activate:
-            self.socket = self._bind(self.server_address)
-            self.server_address = self.socket.getsockname()
+            try:
+                self.server_bind()
+                self.server_activate()
+            except OSError as e:
+                self.server_close()
+                raise OSError(
+                    e.errno,
+                    "cannot listen on %s: %s" % (_address_text(address), e.strerror or e),
+                ) from e
+            except BaseException:
+                self.server_close()
+                raise
+            self.socket.setblocking(False)
             self._install_signal_handlers()
 
     # -- socket ---------------------------------------------------------------------------
 
-    def _bind(self, address):
-        """Bind and listen now, so that a busy port fails in the constructor."""
-        if _inherited_sockets:
-            sock = _inherited_sockets.pop()
-            sock.setblocking(False)
-            self.address_family = sock.family
-            return sock
-        sock = socket.socket(self.address_family, self.socket_type)
-        try:
-            if self.allow_reuse_address:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.address_family == socket.AF_INET6:
-                sock.setsockopt(
-                    socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if self.ipv6_only else 0
-                )
-            sock.bind(address)
-            if self.socket_type == socket.SOCK_STREAM:
-                if self.client_speaks_first and hasattr(socket, "TCP_DEFER_ACCEPT"):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
-                sock.listen(self.request_queue_size)
-        except OSError as e:
-            sock.close()
-            raise OSError(
-                e.errno, "cannot listen on %s: %s" % (_address_text(address), e.strerror)
-            ) from e
-        sock.setblocking(False)
-        return sock
+    def server_bind(self):
+        """Set the socket options of the class (dual stack unless ``ipv6_only``, address
+        and port reuse), then bind; called by the constructor, may be extended."""
+        sock = self.socket
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if self.ipv6_only else 0)
+        if self.allow_reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def server_activate(self):
+        """Listen (streams), with ``TCP_DEFER_ACCEPT`` for a ``client_speaks_first``
+        class; called by the constructor, may be extended."""
+        if self.socket_type == socket.SOCK_STREAM and self.client_speaks_first:
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        super().server_activate()
 
     def fileno(self):
         return self.socket.fileno()
@@ -195,14 +283,67 @@ class _SpoonMixIn:
         if self.socket is not None:
             self.socket.close()
 
+    # -- socketserver's request sequence ----------------------------------------------------
+
+    def finish_request(self, request, client_address):
+        """Build ``RequestHandlerClass`` for this request (its ``__init__`` runs
+        ``setup()``, ``handle()`` and ``finish()``), as socketserver does."""
+        klass = self.handler_klass
+        if klass.__new__ is object.__new__:
+            # The same as klass(...), without a C-level call between the greenlet and the
+            # handler's frames: a suspended handler then saves less stack.
+            handler = object.__new__(klass)
+            handler.__init__(request, client_address, self)
+        else:
+            klass(request, client_address, self)
+
+    def handle_request(self):
+        """Serve exactly one request in this process and return, as socketserver does:
+        wait at most ``timeout`` seconds (None: as long as it takes) for a client, else
+        call ``handle_timeout()``.
+
+        No reactor is involved: the request is accepted here and its handler runs in this
+        thread on the accepted (blocking) socket, so nothing outlives the call.  A
+        handler's ``wait()`` needs a reactor and is not available in this mode.
+        """
+        timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.PollSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            while True:
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if selector.select(remaining):
+                    try:
+                        request, client_address = self.get_request()
+                    except (BlockingIOError, InterruptedError):
+                        # Another process sharing the socket took it: wait again.
+                        continue
+                    except OSError:
+                        return None
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    return self.handle_timeout()
+        if isinstance(request, socket.socket):
+            request.setblocking(True)
+        if self.verify_request(request, client_address):
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+            except BaseException:
+                self.shutdown_request(request)
+                raise
+        else:
+            self.shutdown_request(request)
+        return None
+
     # -- the Twisted side -----------------------------------------------------------------
 
     def protocol_factory(self, reactor=None):
         """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
         this server; listen with it on any endpoint of a running reactor."""
-        return adapter.GulpFactory(
-            self, self.handler_klass, reactor, self.log, lazy_start=self.client_speaks_first
-        )
+        return adapter.GulpFactory(self, reactor, self.log, lazy_start=self.client_speaks_first)
 
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
@@ -222,10 +363,12 @@ class _SpoonMixIn:
     def serve_forever(self, poll_interval=0.1):
         """Run a reactor serving this server until :meth:`shutdown` (or SIGTERM).
 
-        ``poll_interval`` is accepted for compatibility; the reactor needs no polling.
+        The reactor needs no polling; ``poll_interval`` is how often ``service_actions()``
+        runs (in the reactor thread), when the class overrides it.
         """
         reactor = reactor_for_serving()
         self._reactor = reactor
+        self._poll_interval = poll_interval
         self._stopping = False
         self._serving_thread = threading.get_ident()
         self._stopped.clear()
@@ -236,6 +379,7 @@ class _SpoonMixIn:
             mark_ran(reactor)
             reactor.run()
         finally:
+            self._stop_service_actions()
             self._reactor = None
             self._serving_thread = None
             self._stopped.set()
@@ -243,9 +387,32 @@ class _SpoonMixIn:
     def _started(self):
         # reactor.run() installed Twisted's own SIGINT/SIGTERM handlers: ours win.
         self._install_signal_handlers()
+        self._start_service_actions(self._reactor)
         if self._shutdown_requested:
             self._shutdown_requested = False
             self._begin_stop(graceful=True)
+
+    def _start_service_actions(self, reactor):
+        """Call ``service_actions()`` every ``poll_interval`` seconds, as socketserver's
+        loop does, when the class overrides it (the stock one does nothing: no timer)."""
+        if type(self).service_actions is socketserver.BaseServer.service_actions:
+            return
+        from twisted.internet.task import LoopingCall
+
+        loop = self._service_actions = LoopingCall(self._run_service_actions)
+        loop.clock = reactor
+        loop.start(max(0.001, float(self._poll_interval or 0.1)), now=False)
+
+    def _run_service_actions(self):
+        try:
+            self.service_actions()
+        except Exception:
+            self.log.exception("service_actions() failed")
+
+    def _stop_service_actions(self):
+        loop, self._service_actions = self._service_actions, None
+        if loop is not None and loop.running:
+            loop.stop()
 
     def shutdown(self):
         """Stop gracefully: stop accepting, let in-flight handlers finish (for at most
@@ -269,6 +436,7 @@ class _SpoonMixIn:
         if self._stopping and graceful:
             return
         self._stopping = True
+        self._stop_service_actions()
         if self._port is not None:
             port, self._port = self._port, None
             port.stopListening()
@@ -356,19 +524,35 @@ class _SpoonMixIn:
 
 
 class _DatagramMixIn:
-    """Socket type and Twisted listening for datagram servers."""
+    """Socket type and Twisted listening for datagram servers.
+
+    ``max_packet_size`` (socketserver's) is the largest datagram a handler gets; a larger
+    one is dropped and reported as truncated, never passed on cut short.
+    """
 
     socket_type = socket.SOCK_DGRAM
     handler_klass = UDPGulp
 
     def protocol_factory(self, reactor=None):
-        return adapter.GulpDatagramProtocol(self, self.handler_klass, reactor)
+        return adapter.GulpDatagramProtocol(self, reactor)
 
     def _listen(self, reactor):
         self._factory = self.protocol_factory(reactor)
+        # One byte more than the limit, so that a larger datagram shows itself.
         self._port = reactor.adoptDatagramPort(
-            self.socket.fileno(), self.address_family, self._factory
+            self.socket.fileno(),
+            self.address_family,
+            self._factory,
+            maxPacketSize=self.max_packet_size + 1,
         )
+
+    def get_request(self):
+        """socketserver's datagram ``get_request``, refusing a truncated datagram."""
+        data, client_address = self.socket.recvfrom(self.max_packet_size + 1)
+        if len(data) > self.max_packet_size:
+            adapter.report_truncated(self.log, client_address, self.max_packet_size)
+            raise OSError("datagram larger than max_packet_size")
+        return (data, self.socket), client_address
 
 
 class _SporkMixIn(_SpoonMixIn):
@@ -418,17 +602,17 @@ class _SporkMixIn(_SpoonMixIn):
         _SpoonMixIn.reload_handler(self, *args, **kwargs)
 
 
-class TCPSpoon(_SpoonMixIn):
+class TCPSpoon(_SpoonMixIn, socketserver.TCPServer):
     """A TCP server that handles everything in a single process."""
 
 
-class TCPSpork(_SporkMixIn):
+class TCPSpork(_SporkMixIn, socketserver.TCPServer):
     """A TCP server that pre-forks a number of worker processes."""
 
 
-class UDPSpoon(_DatagramMixIn, _SpoonMixIn):
+class UDPSpoon(_DatagramMixIn, _SpoonMixIn, socketserver.UDPServer):
     """A UDP server that handles everything in a single process."""
 
 
-class UDPSpork(_DatagramMixIn, _SporkMixIn):
+class UDPSpork(_DatagramMixIn, _SporkMixIn, socketserver.UDPServer):
     """A UDP server that pre-forks a number of worker processes."""

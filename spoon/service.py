@@ -599,7 +599,13 @@ class ServeService(service.Service):
                     if spec.datagram:
                         protocol = self.server.protocol_factory(reactor)
                         self.protocols.append(protocol)
-                        port = reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol)
+                        # One byte over max_packet_size shows a datagram was cut.
+                        port = reactor.adoptDatagramPort(
+                            sock.fileno(),
+                            sock.family,
+                            protocol,
+                            maxPacketSize=self.server.max_packet_size + 1,
+                        )
                     else:
                         port = self._listen_stream(sock)
                 finally:

@@ -243,3 +243,22 @@ class SentryCollector:
         self.server.shutdown()
         self.thread.join(timeout=10)
         self.server.server_close()
+
+
+def read_events(path):
+    """Lines ``<pid> <what> <client port>`` appended by server processes to ``path``
+    (tests/socketserver_servers.py), as tuples of strings."""
+    try:
+        with open(path) as f:
+            return [tuple(line.split()) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def bound_client(host, kind=socket.SOCK_STREAM, timeout=5.0):
+    """A client socket bound to ``host`` (a loopback alias such as 127.0.0.2), so that a
+    server sees it come from that address."""
+    sock = socket.socket(socket.AF_INET, kind)
+    sock.settimeout(timeout)
+    sock.bind((host, 0))
+    return sock

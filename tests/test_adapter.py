@@ -5,6 +5,7 @@ The test itself plays the reactor (the hub greenlet): it feeds bytes with
 """
 
 import logging
+import socketserver
 import socket
 
 import greenlet
@@ -18,10 +19,11 @@ import spoon.server
 from spoon.adapter import GulpFactory, LineTooLong
 
 
-class RecordingServer:
-    """The part of a Spoon a handler and the factory talk to, recording errors."""
+class RecordingServer(socketserver.BaseServer):
+    """A plain socketserver server (what the adapter drives), recording errors."""
 
-    def __init__(self):
+    def __init__(self, handler=None):
+        super().__init__(("127.0.0.1", 0), handler)
         self.errors = []
         self.log = logging.getLogger("test-adapter")
 
@@ -44,9 +46,11 @@ class Conn:
     """One connection of ``handler`` on an in-memory transport."""
 
     def __init__(self, handler, factory=None, server=None):
-        self.server = server or RecordingServer()
+        self.server = server or RecordingServer(handler)
+        if self.server.RequestHandlerClass is None:
+            self.server.RequestHandlerClass = handler
         self.clock = MemoryReactorClock()
-        self.factory = factory or GulpFactory(self.server, handler, self.clock)
+        self.factory = factory or GulpFactory(self.server, self.clock)
         self.proto = self.factory.buildProtocol(None)
         self.transport = HalfCloseableTransport()
         self.proto.makeConnection(self.transport)
@@ -280,8 +284,8 @@ class PausedWriter(spoon.server.Gulp):
 
 
 def test_write_suspends_handler_while_transport_is_full():
-    server = RecordingServer()
-    factory = GulpFactory(server, PausedWriter, MemoryReactorClock())
+    server = RecordingServer(PausedWriter)
+    factory = GulpFactory(server, MemoryReactorClock())
     proto = server.proto = factory.buildProtocol(None)
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -339,7 +343,7 @@ def _live_greenlets():
 def test_no_handler_greenlet_left_alive_after_disconnects():
     server = RecordingServer()
     server.events = []
-    factory = GulpFactory(server, WaitsThenWrites, MemoryReactorClock())
+    factory = GulpFactory(server, MemoryReactorClock())
     before = _live_greenlets()
     conns = [Conn(WaitsThenWrites, factory=factory, server=server) for _ in range(50)]
     assert factory.active_handlers == 50
@@ -360,8 +364,8 @@ class Boom(spoon.server.Gulp):
 
 
 def test_exception_goes_to_handle_error_and_closes_only_that_connection():
-    server = RecordingServer()
-    factory = GulpFactory(server, Boom, MemoryReactorClock())
+    server = RecordingServer(Boom)
+    factory = GulpFactory(server, MemoryReactorClock())
     bad = Conn(Boom, factory=factory, server=server)
     good = Conn(Boom, factory=factory, server=server)
     bad.feed(b"boom\n")
@@ -372,7 +376,11 @@ def test_exception_goes_to_handle_error_and_closes_only_that_connection():
 
 
 def test_handle_error_of_a_real_server_logs_traceback(caplog):
-    server = spoon.server.TCPSpoon(("127.0.0.1", 0), bind_and_activate=False)
+    class BoomServer(spoon.server.TCPSpoon):
+        handler_klass = Boom
+
+    server = BoomServer(("127.0.0.1", 0), bind_and_activate=False)
+    server.server_close()
     c = Conn(Boom, server=server)
     with caplog.at_level(logging.ERROR, logger="spoon-server"):
         c.feed(b"boom\n")
@@ -394,7 +402,7 @@ class WaitsForDeferred(spoon.server.Gulp):
 def test_handler_waits_on_deferred_without_blocking_others():
     server = RecordingServer()
     server.pending = []
-    factory = GulpFactory(server, WaitsForDeferred, MemoryReactorClock())
+    factory = GulpFactory(server, MemoryReactorClock())
     a = Conn(WaitsForDeferred, factory=factory, server=server)
     b = Conn(WaitsForDeferred, factory=factory, server=server)
     assert len(server.pending) == 2
@@ -487,8 +495,8 @@ def test_readlines_and_writelines():
 
 
 def test_lazy_start_runs_the_handler_at_the_first_byte_only():
-    server = RecordingServer()
-    factory = GulpFactory(server, Lower, MemoryReactorClock(), lazy_start=True)
+    server = RecordingServer(Lower)
+    factory = GulpFactory(server, MemoryReactorClock(), lazy_start=True)
     c = Conn(Lower, factory=factory, server=server)
     assert factory.active_handlers == 0  # idle connection: no greenlet yet
     c.feed(b"LAZY\n")
