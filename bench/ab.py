@@ -25,7 +25,8 @@ from peers import Peer, Server  # noqa: E402
 def measure(tree, kind, s, conc, envs):
     script = os.path.join(os.path.abspath(tree), "bench", "servers", "ours.py")
     args = ["--kind", kind] + (["--workers", "2"] if kind == "spork" else [])
-    peer = Peer("%s@%s" % (kind, tree), kind, "", script=script, args=args,
+    peer = Peer("%s-%s" % (kind, os.path.basename(os.path.abspath(tree))), kind, "",
+                script=script, args=args,
                 workers=2 if kind == "spork" else 1, ours=True)
     with Server(peer, "echo", peer.python(envs), s.server_cpus, tag="-ab").start() as server:
         r = scenarios.loadgen("short", server.port, s, conc, cpus=s.gen_cpus,
