@@ -16,6 +16,7 @@ import logging
 import socket
 
 import greenlet
+from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python.failure import Failure
@@ -143,6 +144,7 @@ class GulpProtocol(Protocol):
         self._buf = bytearray()
         self._scan = 0  # how far readline has already looked for b"\n"
         self._eof = False  # no more input will come
+        self._lost = None  # the exception a read past the buffer raises: input was cut
         self._closed = False  # the connection is gone
         self._reading_paused = False  # we paused the transport (input high-water)
         self._writes_paused = False  # the transport paused us (output buffer full)
@@ -153,6 +155,7 @@ class GulpProtocol(Protocol):
         self._high_water = DEFAULT_READ_HIGH_WATER
         self._max_line = DEFAULT_MAX_LINE_LENGTH
         self._started = False  # the handler greenlet has been started
+        self._between_requests = False  # suspended in readline() with nothing buffered
         self.socket = None
 
     # -- Twisted side -------------------------------------------------------------------
@@ -203,6 +206,14 @@ class GulpProtocol(Protocol):
         """The write side was half-closed; nothing to do, writes will fail."""
 
     def connectionLost(self, reason=None):
+        if not self._eof and reason is not None and not reason.check(error.ConnectionDone):
+            # Gone without an end of input (a reset, or aborted): what the buffer holds
+            # may be a cut message, and a read that needs more must say so, as a socket
+            # does, instead of passing the truncated input off as complete.
+            if reason.check(error.ConnectionAborted):
+                self._lost = ConnectionAbortedError(errno.ECONNABORTED, "Connection aborted")
+            else:
+                self._lost = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         self._eof = True
         self._closed = True
         self.factory.connection_ended(self)
@@ -327,15 +338,21 @@ class GulpProtocol(Protocol):
             return b""
         while not self._buf and not self._eof:
             self._wait_for_input()
+        if not self._buf and self._lost is not None:
+            raise self._lost
         return self._take(n)
 
     def read(self, n=-1):
         if n is None or n < 0:
             while not self._eof:
                 self._wait_for_input()
+            if self._lost is not None:
+                raise self._lost
             return self._take(len(self._buf))
         while len(self._buf) < n and not self._eof:
             self._wait_for_input()
+        if len(self._buf) < n and self._lost is not None:
+            raise self._lost
         return self._take(n)
 
     def buffered_line(self):
@@ -371,9 +388,48 @@ class GulpProtocol(Protocol):
                     "line longer than max_line_length (%d bytes)" % self._max_line
                 )
             if self._eof:
+                if self._lost is not None:
+                    raise self._lost
                 return self._take(len(buf))
             self._scan = len(buf)
+            if not buf:
+                # Waiting for the first line of a request: between requests.
+                self._wait_for_request()
+            else:
+                self._wait_for_input()
+
+    def _wait_for_request(self):
+        """Wait for input between two requests, unless a graceful stop has begun: then
+        the session ends here, as if the client had closed (EOF), instead of holding the
+        stop until the grace period runs out."""
+        if self.factory.stopping:
+            self._end_input()
+            return
+        self._between_requests = True
+        try:
             self._wait_for_input()
+        finally:
+            self._between_requests = False
+
+    def _end_input(self):
+        """No more input for the handler: read EOF from now on, stop reading."""
+        self._eof = True
+        if not self._reading_paused and not self._closed:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def end_if_idle(self):
+        """Graceful stop: a connection between requests ends now (its handler, waiting
+        for the next request with nothing buffered, reads EOF; a connection whose
+        handler has not started yet is closed)."""
+        if self._buf or self._eof:
+            return
+        if not self._started:
+            self._started = True
+            self._close()
+        elif self._waiting == "read" and self._between_requests:
+            self._end_input()
+            self._wake()
 
     # -- writing, used by GreenWriter and GreenSocket ---------------------------------------
 
@@ -654,6 +710,15 @@ class GulpFactory(Factory):
         self.active_handlers = 0
         self.connections = set()
         self._idle_callbacks = []
+        #: A graceful stop has begun: handlers between requests read EOF.
+        self.stopping = False
+
+    def begin_stop(self):
+        """A graceful stop begins: end the sessions that are between requests now, and
+        those that get there later when they do."""
+        self.stopping = True
+        for proto in list(self.connections):
+            proto.end_if_idle()
 
     def buildProtocol(self, addr):
         p = GulpProtocol()
@@ -750,6 +815,9 @@ class GulpDatagramProtocol(DatagramProtocol):
             serve_request(self.server, (data, _DatagramReply(self.transport)), addr, self.log)
         finally:
             self.active_handlers -= 1
+
+    def begin_stop(self):
+        """Nothing to end: a datagram is one request."""
 
     def when_idle(self, callback):
         callback()

@@ -17,10 +17,11 @@ import selectors
 import signal
 import socket
 import socketserver
+import sys
 import threading
 import time
 
-from spoon import adapter, balance
+from spoon import adapter, balance, errorlog
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -107,6 +108,12 @@ def using_socket(sock):
 def _address_text(address):
     host, port = address[0], address[1]
     return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
+
+
+def _client_text(client_address):
+    if isinstance(client_address, tuple) and len(client_address) >= 2:
+        return _address_text(client_address)
+    return repr(client_address)
 
 
 #: The socketserver ``get_request`` implementations spoon knows: an override of any other
@@ -227,6 +234,7 @@ class _SpoonMixIn:
         self._shutdown_requested = False
         self._stopping = False
         self._grace_call = None
+        self._errors = None
         self.load_config()
         inherited = _inherited_sockets.pop() if _inherited_sockets else None
         if inherited is not None:
@@ -444,6 +452,9 @@ class _SpoonMixIn:
         if not graceful or factory is None:
             self._end_stop(abort=True)
             return
+        begin_stop = getattr(factory, "begin_stop", None)
+        if begin_stop is not None:
+            begin_stop()
         if factory.connections:
             self.log.info(
                 "Graceful stop: waiting for %d connection(s), at most %ss",
@@ -517,10 +528,51 @@ class _SpoonMixIn:
             self.log.exception("load_config() failed; keeping the previous configuration")
 
     def handle_error(self, request, client_address):
-        """Called inside ``except`` when a handler raised: log it with its traceback."""
+        """Called inside ``except`` when a request failed.
+
+        What the client did (reset, went away, timed out, sent an over-long line) is one
+        INFO line without a traceback.  A handler bug is an ERROR with its traceback;
+        the same failure from the same place is logged in full once, then counted (one
+        line with the count every 10 seconds while it goes on), so a client that makes
+        the handler raise on purpose cannot flood the log.
+        """
+        exc_type, exc, tb = sys.exc_info()
+        fault = errorlog.peer_fault(exc)
+        if fault is not None:
+            self.log.info("Client %s: %s", _client_text(client_address), fault)
+            return
+        limiter = self._error_limiter()
+        if limiter is None or limiter.admit(errorlog.origin(exc_type, tb), (client_address, exc)):
+            self.log.error(
+                "Error while processing request from: %s", client_address, exc_info=True
+            )
+
+    def _error_limiter(self):
+        """The repeat limiter of this serving run (None outside a reactor: no timer)."""
+        reactor = self._reactor
+        if reactor is None:
+            return None
+        limiter = self._errors
+        if limiter is None or limiter.clock is not reactor:
+            limiter = self._errors = errorlog.RepeatLimiter(reactor, self._report_repeats)
+        return limiter
+
+    def _report_repeats(self, count, interval, last):
+        client_address, exc = last
         self.log.error(
-            "Error while processing request from: %s", client_address, exc_info=True
+            "Error while processing request from: %s: %s: %s (the same error as above, "
+            "repeated {:,} times in the last %gs)".format(count),
+            client_address,
+            type(exc).__name__,
+            exc,
+            interval,
         )
+
+    @property
+    def stopping(self):
+        """True once a graceful stop has begun: a handler serving a persistent session
+        can check it between requests and end the session politely."""
+        return self._stopping
 
 
 class _DatagramMixIn:

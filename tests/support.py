@@ -173,6 +173,21 @@ class ServerProcess:
     def signal(self, signum):
         os.kill(self.pid, signum)
 
+    def lines_so_far(self):
+        """Every line printed so far, without waiting (also kept in ``output``)."""
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            self._pending += chunk
+        while b"\n" in self._pending:
+            line, self._pending = self._pending.split(b"\n", 1)
+            self.output.append(line.decode("utf8", "replace"))
+        return self.output
+
     def wait(self, timeout=10.0):
         """Wait for exit (bounded); return the exit code."""
         return self.proc.wait(timeout=timeout)

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionAborted, ConnectionLost
+from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 import spoon.server
@@ -516,3 +518,102 @@ def test_client_speaks_first_is_an_opt_in_of_the_server_class():
     lazy = Lazy(("127.0.0.1", 0), bind_and_activate=False)
     assert eager.protocol_factory(MemoryReactorClock()).lazy_start is False
     assert lazy.protocol_factory(MemoryReactorClock()).lazy_start is True
+
+
+# -- a reset is not an end of input ---------------------------------------------------------
+
+
+class ReadsToEof(spoon.server.Gulp):
+    def handle(self):
+        data = self.rfile.read()
+        self.wfile.write(b"processed %d" % len(data))
+
+
+def test_reset_mid_message_raises_connection_reset_instead_of_a_short_read():
+    c = Conn(ReadsToEof)
+    c.feed(b"x" * 5000)
+    c.proto.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+    assert c.out() == b""  # the cut message was never processed
+    assert [type(e) for e in c.server.errors] == [ConnectionResetError]
+
+
+def test_fin_stays_end_of_input_even_if_a_reset_follows():
+    c = Conn(ReadsToEof)
+    c.feed(b"x" * 5000)
+    c.eof()
+    assert c.out() == b"processed 5000"
+    c.proto.connectionLost(Failure(ConnectionLost("Connection reset by peer")))
+    assert c.server.errors == []
+
+
+def test_reset_leaves_whole_buffered_lines_readable_then_raises():
+    class Lines(spoon.server.Gulp):
+        def handle(self):
+            self.server.lines = []
+            for line in self.rfile:
+                self.server.lines.append(line)
+
+    c = Conn(Lines)
+    c.feed(b"one\ntwo\nthr")
+    c.proto.connectionLost(Failure(ConnectionLost()))
+    assert c.server.lines == [b"one\n", b"two\n"]
+    assert [type(e) for e in c.server.errors] == [ConnectionResetError]
+
+
+def test_abort_by_the_server_raises_connection_aborted_in_a_waiting_handler():
+    c = Conn(ReadsToEof)
+    c.feed(b"partial")
+    c.proto.connectionLost(Failure(ConnectionAborted()))
+    assert [type(e) for e in c.server.errors] == [ConnectionAbortedError]
+
+
+# -- a graceful stop ends sessions that are between requests ---------------------------------
+
+
+class Session(spoon.server.Gulp):
+    """A persistent protocol: one reply per line until the client or a stop ends it."""
+
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(b"ok " + line)
+        self.wfile.write(b"bye stopping=%d\n" % bool(getattr(self.server, "stopping", False)))
+
+
+def test_graceful_stop_gives_eof_to_a_handler_waiting_between_requests():
+    server = RecordingServer(Session)
+    factory = GulpFactory(server, MemoryReactorClock())
+    idle = Conn(Session, factory=factory, server=server)
+    idle.feed(b"a\n")
+    mid_line = Conn(Session, factory=factory, server=server)
+    mid_line.feed(b"par")
+    factory.begin_stop()
+    assert idle.out() == b"ok a\nbye stopping=0\n" and idle.closed
+    # A request under way is not cut: it is answered, then the session ends.
+    assert mid_line.out() == b"" and not mid_line.closed
+    mid_line.feed(b"tial\n")
+    assert mid_line.out() == b"ok partial\nbye stopping=0\n" and mid_line.closed
+    assert server.errors == []
+
+
+def test_graceful_stop_closes_a_connection_whose_handler_has_not_started():
+    server = RecordingServer(Session)
+    factory = GulpFactory(server, MemoryReactorClock(), lazy_start=True)
+    quiet = Conn(Session, factory=factory, server=server)
+    factory.begin_stop()
+    assert quiet.closed and quiet.out() == b""
+
+
+def test_a_body_read_is_not_between_requests():
+    class Body(spoon.server.Gulp):
+        def handle(self):
+            size = int(self.rfile.readline())
+            self.wfile.write(b"got %d" % len(self.rfile.read(size)))
+
+    server = RecordingServer(Body)
+    factory = GulpFactory(server, MemoryReactorClock())
+    c = Conn(Body, factory=factory, server=server)
+    c.feed(b"6\n")
+    factory.begin_stop()
+    assert not c.closed
+    c.feed(b"abcdef")
+    assert c.out() == b"got 6" and c.closed

@@ -45,8 +45,8 @@ class Handler(spoon.server.Gulp):
             answer = str(getattr(self.server, "prefork", None))
         elif word == "hold":
             # Keep this connection in flight until the client closes it (or the graceful
-            # stop times out).
-            self.rfile.readline()
+            # stop times out): mid-request (a body read), which a graceful stop waits for.
+            self.rfile.read(1)
             answer = "released"
         else:
             answer = line.lower()
