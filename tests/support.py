@@ -5,12 +5,16 @@ test ends (use the ``procs`` fixture from ``conftest.py``).
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -243,3 +247,198 @@ class SentryCollector:
         self.server.shutdown()
         self.thread.join(timeout=10)
         self.server.server_close()
+
+
+# -- the spoon command (spoon.daemon) ---------------------------------------------------------
+
+PROBE_MODULE = '''
+"""A server whose answers show what the daemon did: its config generation and pid."""
+import os
+
+import spoon.server
+from twisted.logger import Logger
+
+_twisted_log = Logger(namespace="probe.twisted")
+
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        line = self.rfile.readline().decode()
+        word = line.strip()
+        self.server.log.info("handled %r", word)
+        _twisted_log.info("twisted saw {word}", word=word)
+        if word == "gen":
+            answer = "%d %d" % (self.server.generation, os.getpid())
+        elif word == "warn":
+            self.server.log.warning("probe warning from %d", os.getpid())
+            answer = "warned"
+        elif word == "prefork":
+            answer = str(getattr(self.server, "prefork", None))
+        elif word == "hold":
+            # Keep this connection in flight until the client closes it (or the graceful
+            # stop times out).
+            self.rfile.readline()
+            answer = "released"
+        else:
+            answer = line.lower()
+        self.wfile.write(answer.encode() + b"\\n")
+
+
+class ProbeServer(spoon.server.TCPSpoon):
+    server_logger = "probe-server"
+    handler_klass = Handler
+    graceful_timeout = 3
+    generation = 0
+    command_line_defaults = dict(
+        spoon.server.TCPSpoon.command_line_defaults, port=0, interface="127.0.0.1"
+    )
+
+    def __init__(self, address):
+        super().__init__(address)
+        # Tell the test the port (bound to 0) before the daemon detaches.
+        target = os.environ["PROBE_PORT_FILE"]
+        with open(target + ".tmp", "w") as f:
+            f.write("%d\\n" % self.server_address[1])
+        os.replace(target + ".tmp", target)
+
+    def load_config(self):
+        self.generation += 1
+
+
+class ProbeSpork(ProbeServer, spoon.server.TCPSpork):
+    prefork = 2
+
+
+class NotAServer:
+    pass
+'''
+
+
+def processes_with_token(token):
+    """Pids whose environment holds ``token`` (any process this test started)."""
+    needle = ("SPOON_TEST_TOKEN=%s" % token).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class Daemons:
+    """Runs ``python -m spoon.daemon`` in a scratch directory with the probe module."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        (tmp_path / "probe_servers.py").write_text(PROBE_MODULE)
+        self.token = uuid.uuid4().hex
+        self.pid_file = str(tmp_path / "probe.pid")
+        self.port_file = str(tmp_path / "probe.port")
+        self.log_file = str(tmp_path / "probe.log")
+        self.pid_files = [self.pid_file]
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
+            PROBE_PORT_FILE=self.port_file,
+            SPOON_TEST_TOKEN=self.token,
+            PYTHONUNBUFFERED="1",
+        )
+
+    def run(self, *args, timeout=60, klass="probe_servers.ProbeServer"):
+        """Run the command line to completion (bounded); return the CompletedProcess."""
+        return subprocess.run(
+            [sys.executable, "-m", "spoon.daemon", klass, *args],
+            cwd=str(self.dir),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *extra, klass="probe_servers.ProbeServer"):
+        for path in (self.port_file,):
+            if os.path.exists(path):
+                os.unlink(path)
+        result = self.run("start", "-p", self.pid_file, *extra, klass=klass)
+        assert result.returncode == 0, result.stderr
+        return self.pid(), self.port()
+
+    def pid(self, path=None):
+        with open(path or self.pid_file) as f:
+            return int(f.read())
+
+    def port(self):
+        with open(self.port_file) as f:
+            return int(f.read())
+
+    def ask(self, port, word, timeout=10.0):
+        return request(("127.0.0.1", port), word.encode() + b"\n", timeout=timeout).decode()
+
+    def kill_all(self):
+        """SIGKILL every process of this test until none is left: a supervisor killed
+        after its workers may have forked a replacement in between, so one pass is not
+        enough."""
+        def alive():
+            pids = set(processes_with_token(self.token))
+            for path in self.pid_files:
+                try:
+                    pids.add(self.pid(path))
+                except (OSError, ValueError):
+                    pass
+            return [p for p in pids if p != os.getpid() and pid_alive(p)]
+
+        def kill_round():
+            for pid in alive():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not alive()
+
+        wait_for(kill_round, timeout=20, interval=0.05, what="every daemon process to die")
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path)
+    yield d
+    d.kill_all()
+    assert not [p for p in processes_with_token(d.token) if pid_alive(p)]
+
+
+def log_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
+
+
+def lines_matching(path, name, text):
+    """(pid, message) of the log lines from logger ``name`` containing ``text``."""
+    found = []
+    for line in log_lines(path):
+        match = LOG_LINE.match(line)
+        if match and match.group(2) == name and text in match.group(4):
+            found.append((int(match.group(1)), match.group(4)))
+    return found
+
+
+
+def workers_of(master, count):
+    return wait_for(
+        lambda: (lambda kids: kids if len(kids) == count else None)(
+            [k for k in children_of(master) if pid_alive(k)]
+        ),
+        timeout=30,
+        what="%d workers of %d" % (count, master),
+    )

@@ -34,7 +34,8 @@ def test_write_pidfile_is_atomic_and_readable(tmp_path):
     assert path.read_text() == "4242\n"
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert daemon.read_pidfile(str(path)) == 4242
-    assert sorted(os.listdir(tmp_path)) == ["x.pid"]
+    # Beside it, the identity record (no temporary files left).
+    assert sorted(os.listdir(tmp_path)) == ["x.pid", "x.pid.json"]
 
 
 def test_write_pidfile_defaults_to_this_process(tmp_path):
