@@ -433,8 +433,8 @@ def lines_matching(path, name, text):
     return found
 
 
-
 def workers_of(master, count):
+    """The ``count`` live children of ``master``, once it has that many (bounded)."""
     return wait_for(
         lambda: (lambda kids: kids if len(kids) == count else None)(
             [k for k in children_of(master) if pid_alive(k)]
@@ -442,3 +442,14 @@ def workers_of(master, count):
         timeout=30,
         what="%d workers of %d" % (count, master),
     )
+
+
+def proc_ids(pid):
+    """(real, effective, saved, fs) uids and the same gids of ``pid``, from /proc."""
+    ids = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                ids[key] = [int(x) for x in value.split()]
+    return ids["Uid"], ids["Gid"]
