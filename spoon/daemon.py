@@ -470,21 +470,34 @@ def _user(options):
         # point.  (It is private there today; it should become public.)
         uid, gid, name = prefork._user_ids(options.uid, options.gid)
     except (KeyError, ValueError) as e:
-        raise UsageError(
-            "--uid %s --gid %s: no such user or group (%s)" % (options.uid, options.gid, e)
-        ) from e
+        given = " ".join(
+            "--%s %s" % (name, getattr(options, name))
+            for name in ("uid", "gid") if getattr(options, name) is not None
+        )
+        raise UsageError("%s: no such user or group (%s)" % (given, e)) from e
     changes = (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid())
     if changes and os.geteuid() != 0:
         raise UsageError("--uid/--gid: only root can switch to another user or group")
     return uid, gid, name
 
 
-def _become(user, server):
+#: Imported before switching user beyond :data:`spoon.prefork.PRELOAD_BEFORE_SWITCH`, which
+#: lacks it today: what a Gulp server imports when it starts listening.
+PRELOAD_BEFORE_SWITCH = ("spoon.lean",)
+
+
+def _become(user, server, pooled):
     """Switch to ``user`` (see :func:`_user`) once everything the serving process needs
-    is imported: after the switch the interpreter's files may be out of reach."""
+    is imported: after the switch the interpreter's files may be out of reach.
+
+    A process that serves alone installs its reactor now (``serve_forever`` would, a
+    moment later).  A pool's supervisor must not: it forks workers, which install theirs.
+    """
     from spoon import prefork, worker
 
-    worker.preload(prefork.PRELOAD_BEFORE_SWITCH)
+    worker.preload(prefork.PRELOAD_BEFORE_SWITCH + PRELOAD_BEFORE_SWITCH)
+    if not pooled:
+        import twisted.internet.reactor  # noqa: F401
     prefork.switch_user(*user)
     server.log.info("Running as uid %d gid %d", os.getuid(), os.getgid())
 
@@ -549,7 +562,7 @@ def _start(options, klass):
             ", %s workers" % workers if workers and workers > 1 else "",
         )
         if user is not None:
-            _become(user, server)
+            _become(user, server, pooled=bool(workers and workers > 1))
 
     record = {
         "klass": options.klass,

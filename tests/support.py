@@ -453,3 +453,16 @@ def proc_ids(pid):
             if key in ("Uid", "Gid"):
                 ids[key] = [int(x) for x in value.split()]
     return ids["Uid"], ids["Gid"]
+
+
+def readable_by_others(path):
+    """True when a user who neither owns nor shares a group with the files on the way (as
+    ``nobody``) can read ``path``: every directory above it lets others search it, and it
+    lets others read it."""
+    path = os.path.realpath(path)
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent):
+        if not os.stat(parent).st_mode & 0o001:
+            return False
+        parent = os.path.dirname(parent)
+    return bool(os.stat(path).st_mode & 0o004)
