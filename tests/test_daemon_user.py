@@ -83,3 +83,19 @@ def test_unknown_user_is_refused_before_anything_starts(shared_daemons):
     assert result.returncode == 2
     assert "--uid no-such-user-here: no such user or group" in result.stderr
     assert not os.path.exists(d.port_file) and not os.path.exists(d.pid_file)
+
+
+def test_stop_removes_a_pid_file_the_daemon_could_no_longer_remove(shared_daemons):
+    """A pid file in a directory only root may write (as /run): the daemon, once nobody,
+    cannot remove it on its way out; stop, run by root, does once the daemon has exited."""
+    d = shared_daemons
+    run_dir = d.dir / "run"
+    run_dir.mkdir(mode=0o755)
+    d.pid_file = str(run_dir / "probe.pid")
+    d.pid_files.append(d.pid_file)
+    pid, port = d.start("--uid", "nobody")
+    assert d.ask(port, "gen") == "1 %d\n" % pid
+    stop = d.run("stop", "-p", d.pid_file)
+    assert stop.returncode == 0, stop.stderr
+    assert not pid_alive(pid)
+    assert os.listdir(run_dir) == []
