@@ -235,14 +235,15 @@ def _send(instance, signum, logger):
     even a pid reused between the check and the signal cannot receive it.
     """
     pid = instance.pid
+    pidfd = None
     try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        pidfd = -1
-    except (AttributeError, OSError):
-        pidfd = None  # no pidfd here: kill(2) right after the check
-    try:
-        if pidfd == -1 or not instance.still_running():
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise
+        except (AttributeError, OSError):
+            pass  # no pidfd here: kill(2) right after the check
+        if not instance.still_running():
             raise ProcessLookupError(pid)
         if pidfd is None:
             os.kill(pid, signum)
@@ -255,7 +256,7 @@ def _send(instance, signum, logger):
         logger.error("Not allowed to signal process %d from %s", pid, instance.path)
         return None
     finally:
-        if pidfd not in (None, -1):
+        if pidfd is not None:
             os.close(pidfd)
     return pid
 

@@ -466,3 +466,16 @@ def readable_by_others(path):
             return False
         parent = os.path.dirname(parent)
     return bool(os.stat(path).st_mode & 0o004)
+
+
+@pytest.fixture
+def sleeper():
+    """A real process to signal, unrelated to spoon; killed at the end whatever happened.
+    A plain ``sleep``, so that a signal has its default effect at any moment (a Python
+    child would turn an early SIGINT into KeyboardInterrupt depending on how far its
+    start-up got) and a signal sent by mistake shows."""
+    proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)

@@ -8,23 +8,17 @@ line on stderr and exit non-zero, and the process is left alone.
 
 import os
 import signal
-import subprocess
 
 import pytest
 
 from spoon import daemon
-from support import daemons, pid_alive, wait_for, workers_of  # noqa: F401 (the fixture)
-
-
-@pytest.fixture
-def stranger():
-    """An unrelated process (a plain ``sleep``: every signal has its default effect at
-    once, so a signal sent by mistake shows); killed at the end."""
-    proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+from support import (  # noqa: F401 (daemons, sleeper: the fixtures)
+    daemons,
+    pid_alive,
+    sleeper,
+    wait_for,
+    workers_of,
+)
 
 
 def _locks_on(path):
@@ -72,21 +66,21 @@ def test_the_supervisor_alone_holds_the_pid_file_lock_until_it_dies(daemons, kla
 
 
 @pytest.mark.parametrize("command", ["reload", "stop", "restart", "status"])
-def test_a_pid_file_naming_an_unrelated_process_is_refused(daemons, stranger, command):
+def test_a_pid_file_naming_an_unrelated_process_is_refused(daemons, sleeper, command):
     with open(daemons.pid_file, "w") as f:
-        f.write("%d\n" % stranger.pid)
+        f.write("%d\n" % sleeper.pid)
     result = daemons.run(command, "-p", daemons.pid_file, "--stop-timeout", "5")
     assert result.returncode == 1
     [line] = result.stderr.splitlines()
     assert "process %d from %s neither holds the pid file's lock" % (
-        stranger.pid, daemons.pid_file
+        sleeper.pid, daemons.pid_file
     ) in line
     assert "has exited" not in result.stderr
     # Left alone (a signal would have ended the sleep at once), nothing started.
-    assert stranger.poll() is None and pid_alive(stranger.pid)
+    assert sleeper.poll() is None and pid_alive(sleeper.pid)
     assert not os.path.exists(daemons.port_file)
     with open(daemons.pid_file) as f:
-        assert f.read() == "%d\n" % stranger.pid
+        assert f.read() == "%d\n" % sleeper.pid
 
 
 @pytest.mark.parametrize("command", ["reload", "stop", "restart", "status"])

@@ -13,19 +13,7 @@ import pytest
 
 from spoon import daemon, pidfile
 from spoon.server import TCPSpoon
-from support import ROOT
-
-
-@pytest.fixture
-def sleeper():
-    """A real process to signal; killed at the end whatever happened.  A plain ``sleep``,
-    so that a signal has its default effect at any moment (a Python child would turn an
-    early SIGINT into KeyboardInterrupt depending on how far its start-up got)."""
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+from support import ROOT, sleeper  # noqa: F401 (the fixture)
 
 
 def test_write_pidfile_is_atomic_and_readable(tmp_path):
