@@ -617,10 +617,14 @@ def main(argv=None):
             status = _stop_cli(options, klass, out, restarting=True)
             if status:
                 return status
-            if recorded:
+            shown = sorted(
+                (name, value) for name, value in recorded.items()
+                if value not in (None, False)
+            )
+            if shown:
                 _cli_logger(out).info(
                     "Restarting with the options of the running instance: %s",
-                    ", ".join("%s=%s" % item for item in sorted(recorded.items())),
+                    ", ".join("%s=%s" % item for item in shown),
                 )
         return _start(options, klass)
     except UsageError as e:
