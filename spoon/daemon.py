@@ -2,7 +2,7 @@
 
 The original's surface, unchanged: :func:`detach`, :func:`run_daemon`, :func:`send_action`
 and the command line ``python -m spoon.daemon KLASS start|stop|reload|restart`` (also
-installed as the ``spoon`` console script).
+installed as the ``spoon`` console script), plus ``status``.
 
 What this version adds, and why:
 
@@ -10,12 +10,15 @@ What this version adds, and why:
   for a word from the daemon over a pipe), so ``start && cat pidfile`` works and a failure
   of the daemon's set-up reaches the terminal with a non-zero exit status.
 - Everything that can fail is checked before anything forks: the server class, the pid file
-  (a live owner refuses the start, a stale one is removed, an unwritable location is
-  reported), the log file, Sentry, and the listening port (the server binds in its
-  constructor).
-- The pid file is written atomically (a temporary file renamed over it), so a reader never
-  sees a half-written pid, and it is removed only by the process it names: a pre-forked
-  worker leaving ``serve_forever`` cannot delete its master's pid file.
+  (a running daemon refuses the start, a stale file is removed, an unwritable location is
+  reported), the log file, Sentry, the user to switch to, and the listening port (the
+  server binds in its constructor).
+- The daemon locks its pid file and records its identity beside it (see
+  :mod:`spoon.pidfile`): ``stop``, ``reload``, ``restart`` and ``status`` act on the
+  process only when it is the daemon that wrote the file, never on a process that got its
+  pid later.
+- ``start`` records its options beside the pid file, and ``restart`` reuses them unless
+  given again: a restart keeps the log file, port, workers... of the running instance.
 - ``stop`` and ``restart`` wait (bounded) for the old process to exit; the original's
   ``restart`` raced the old process, and its ``start`` without ``-s`` crashed.
 """
@@ -26,18 +29,32 @@ import os
 import select
 import signal
 import sys
-import tempfile
 import time
 
+import spoon
 from spoon import targets
+from spoon.pidfile import (
+    Instance,
+    PidFileError,
+    check_pidfile,
+    inspect_pidfile,
+    process_age,
+    process_alive,
+    read_pidfile,
+    remove_pidfile,
+    wait_for_exit,
+    write_pidfile,
+)
 
 __all__ = [
     "detach",
     "run_daemon",
     "send_action",
+    "report_status",
     "write_pidfile",
     "read_pidfile",
     "remove_pidfile",
+    "inspect_pidfile",
     "process_alive",
     "wait_for_exit",
     "load_server_class",
@@ -52,153 +69,8 @@ log = logging.getLogger("spoon.daemon")
 DETACH_REPORT_TIMEOUT = 60.0
 
 
-class PidFileError(Exception):
-    """The pid file cannot be used: unreadable, not a pid, unwritable, or owned by a live
-    process."""
-
-
 class UsageError(Exception):
     """A mistake on the command line or in the server class: exit status 2."""
-
-
-# -- pid files -------------------------------------------------------------------------------
-
-
-def process_alive(pid):
-    """True while process ``pid`` exists and is not a zombie (a dead daemon re-parented to
-    an init that does not reap stays a zombie, and must count as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, belongs to someone else
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True  # no /proc: kill(0) said it exists
-    return state not in ("Z", "X")
-
-
-def wait_for_exit(pid, timeout):
-    """Wait until ``pid`` has exited, at most ``timeout`` seconds; True when it has."""
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while process_alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
-    return True
-
-
-def read_pidfile(path):
-    """The pid in ``path``, or None when the file does not exist (or is empty).
-
-    Raises :class:`PidFileError` when it exists but holds something else than a pid: such a
-    file is never removed or overwritten, it may not be a pid file at all.
-    """
-    try:
-        with open(path) as f:
-            text = f.read(64)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise PidFileError("cannot read the pid file %s: %s" % (path, e.strerror)) from e
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        pid = int(text)
-    except ValueError:
-        pid = 0
-    if pid <= 0:
-        raise PidFileError(
-            "%s does not hold a pid (%r): remove it or choose another pid file"
-            % (path, text[:20])
-        )
-    return pid
-
-
-def write_pidfile(path, pid=None):
-    """Write ``pid`` (default: this process) to ``path`` atomically.
-
-    The pid goes to a temporary file in the same directory that is then renamed over
-    ``path``, so readers see either the old content or the whole new pid.  Raises
-    :class:`PidFileError` with a readable message when the location is not writable.
-    """
-    pid = os.getpid() if pid is None else pid
-    path = os.path.abspath(path)
-    directory, name = os.path.split(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % name, suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise PidFileError("cannot write the pid file %s: %s" % (path, e.strerror)) from e
-    try:
-        try:
-            os.write(fd, b"%d\n" % pid)
-            os.fchmod(fd, 0o644)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise PidFileError("cannot write the pid file %s: %s" % (path, e.strerror)) from e
-    return path
-
-
-def remove_pidfile(path, pid=None):
-    """Remove ``path`` if it names ``pid`` (default: this process); True if removed.
-
-    Only the owner removes it: a forked worker or a newer instance that rewrote the file
-    keeps it.
-    """
-    pid = os.getpid() if pid is None else pid
-    try:
-        if read_pidfile(path) != pid:
-            return False
-        os.unlink(path)
-    except (OSError, PidFileError):
-        return False
-    return True
-
-
-def check_pidfile(path, logger=None):
-    """Make ``path`` ready for a new daemon, before anything forks.
-
-    Raises :class:`PidFileError` when it names a live process, does not hold a pid, or
-    cannot be written; removes it (and logs it) when it names a dead process.
-    """
-    logger = logger or log
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise PidFileError("cannot write the pid file %s: it is a directory" % path)
-    pid = read_pidfile(path)
-    if pid is not None:
-        if process_alive(pid):
-            raise PidFileError("already running: %s names live process %d" % (path, pid))
-        logger.warning("Removing stale pid file %s (process %d is gone)", path, pid)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise PidFileError(
-                "cannot remove the stale pid file %s: %s" % (path, e.strerror)
-            ) from e
-    # Prove the location is writable now, while failing is still cheap and visible.
-    directory, name = os.path.split(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % name, suffix=".probe", dir=directory)
-    except OSError as e:
-        raise PidFileError("cannot write the pid file %s: %s" % (path, e.strerror)) from e
-    os.close(fd)
-    os.unlink(tmp)
-    return path
 
 
 # -- daemonising -----------------------------------------------------------------------------
@@ -246,10 +118,12 @@ def _redirect(fd, path, flags):
         os.close(target)
 
 
-def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, logger=None):
+def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, logger=None,
+           record=None):
     """Turn this process into a daemon: fork twice, ``setsid``, ``chdir("/")``, redirect
     the standard streams to the given paths (``stderr`` defaults to ``stdout``), write
-    ``pidfile``.
+    ``pidfile`` (locked by the daemon, its identity and the dict ``record`` beside it: see
+    :func:`spoon.pidfile.write_pidfile`).
 
     Returns in the daemon only.  The calling process waits until the daemon reports that
     its set-up is done and exits with status 0, or prints the daemon's error and exits
@@ -294,7 +168,8 @@ def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, log
         _redirect(1, stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         _redirect(2, stderr, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         if pidfile:
-            write_pidfile(pidfile)
+            # Here, after the last fork: the lock belongs to the process that serves.
+            write_pidfile(pidfile, record=record)
     except BaseException as e:
         text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         if isinstance(e, OSError) and getattr(e, "filename", None):
@@ -309,13 +184,13 @@ def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, log
     os.close(report_w)
 
 
-def _serve(server, pidfile, daemonize, after_detach=None, serve=None):
+def _serve(server, pidfile, daemonize, after_detach=None, serve=None, record=None):
     # Taken now: the daemon changes directory to "/".
     pidfile = os.path.abspath(pidfile) if pidfile else None
     if daemonize:
-        detach(pidfile=pidfile, logger=getattr(server, "log", None))
+        detach(pidfile=pidfile, logger=getattr(server, "log", None), record=record)
     elif pidfile:
-        write_pidfile(pidfile)
+        write_pidfile(pidfile, record=record)
     owner = os.getpid()
     try:
         if after_detach is not None:
@@ -334,9 +209,9 @@ def run_daemon(server, pidfile, daemonize=True):
     """Run ``server`` (a Spoon or Spork) until it stops, as a daemon unless ``daemonize``
     is false.
 
-    ``pidfile`` (may be None) receives the daemon's pid and is removed on the way out,
-    also when ``serve_forever`` raises.  With ``daemonize`` the calling process exits once
-    the daemon is set up (see :func:`detach`).
+    ``pidfile`` (may be None) receives the daemon's pid, is locked while it serves, and is
+    removed on the way out, also when ``serve_forever`` raises.  With ``daemonize`` the
+    calling process exits once the daemon is set up (see :func:`detach`).
     """
     _serve(server, pidfile, daemonize)
 
@@ -344,15 +219,50 @@ def run_daemon(server, pidfile, daemonize=True):
 _SIGNALS = {"stop": ("signal_shutdown", signal.SIGTERM), "reload": ("signal_reload", signal.SIGUSR1)}
 
 
-def send_action(action, pidfile, logger=None, klass=None):
-    """Send ``action`` to the daemon named in ``pidfile``: "stop" (SIGTERM) or "reload"
-    (SIGUSR1), or the server class's ``signal_shutdown``/``signal_reload`` when ``klass``
-    is given.
+def _refuse(instance, logger):
+    """Say in one line why ``instance`` is not signalled: a missing or stale pid file is a
+    warning (nothing runs), a live process that is not proven to be the daemon an error."""
+    level = logging.WARNING if instance.state in (Instance.ABSENT, Instance.STALE) else (
+        logging.ERROR
+    )
+    logger.log(level, "%s", instance.reason)
 
-    Returns the pid signalled, or None when there is none: a missing pid file, a pid file
-    that does not hold a pid, or a dead process are logged, not raised.
+
+def _send(instance, signum, logger):
+    """Signal ``instance``'s process if it is still the one inspected; its pid or None.
+
+    Where the kernel has pidfds, the process is pinned first and checked after, so that
+    even a pid reused between the check and the signal cannot receive it.
     """
-    logger = logger or log
+    pid = instance.pid
+    pidfd = None
+    try:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise
+        except (AttributeError, OSError):
+            pass  # no pidfd here: kill(2) right after the check
+        if not instance.still_running():
+            raise ProcessLookupError(pid)
+        if pidfd is None:
+            os.kill(pid, signum)
+        else:
+            signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        logger.warning("Process %d from %s is not running (stale pid file)", pid, instance.path)
+        return None
+    except PermissionError:
+        logger.error("Not allowed to signal process %d from %s", pid, instance.path)
+        return None
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return pid
+
+
+def _act(action, pidfile, logger, klass):
+    """(instance, pid signalled or None) for ``action`` on ``pidfile``'s daemon."""
     if action not in _SIGNALS:
         raise ValueError("unknown action %r: use 'stop' or 'reload'" % (action,))
     attribute, default = _SIGNALS[action]
@@ -360,23 +270,67 @@ def send_action(action, pidfile, logger=None, klass=None):
     if signum is None:
         signum = default
     try:
-        pid = read_pidfile(pidfile)
+        instance = inspect_pidfile(pidfile)
     except PidFileError as e:
         logger.error("%s", e)
-        return None
-    if pid is None:
-        logger.warning("No pid file available: %s", pidfile)
-        return None
+        return None, None
+    if not instance.running:
+        _refuse(instance, logger)
+        return instance, None
+    pid = _send(instance, signum, logger)
+    if pid is not None:
+        logger.info("Sent %s to process %d (%s)", signal.Signals(signum).name, pid, action)
+    return instance, pid
+
+
+def send_action(action, pidfile, logger=None, klass=None):
+    """Send ``action`` to the daemon named in ``pidfile``: "stop" (SIGTERM) or "reload"
+    (SIGUSR1), or the server class's ``signal_shutdown``/``signal_reload`` when ``klass``
+    is given.
+
+    Only a process proven to be the daemon that wrote the pid file is signalled: it holds
+    the pid file's lock, or has the start time recorded beside it.  Returns the pid
+    signalled, or None when there is none: a missing pid file, a pid file that does not
+    hold a pid, a dead process, or a process not proven to be the daemon are logged, not
+    raised.
+    """
+    return _act(action, pidfile, logger or log, klass)[1]
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    text = "%02d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+    return "%dd %s" % (days, text) if days else text
+
+
+def report_status(pidfile, out=None, err=None):
+    """Print whether the daemon of ``pidfile`` runs; the exit status of ``spoon status``.
+
+    0: running (a line with its pid, uptime and class on ``out``); 2: not running (no pid
+    file, or a stale one); 1: cannot tell (an unreadable pid file, or a live process not
+    proven to be the daemon: the reason on ``err``).
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        logger.warning("Process %d from %s is not running (stale pid file)", pid, pidfile)
-        return None
-    except PermissionError:
-        logger.error("Not allowed to signal process %d from %s", pid, pidfile)
-        return None
-    logger.info("Sent %s to process %d (%s)", signal.Signals(signum).name, pid, action)
-    return pid
+        instance = inspect_pidfile(pidfile)
+    except PidFileError as e:
+        err.write("%s\n" % e)
+        return 1
+    if instance.running:
+        age = process_age(instance.pid)
+        klass = (instance.record or {}).get("klass")
+        out.write(
+            "running: pid %d, up %s%s\n"
+            % (instance.pid, _duration(age or 0), ", %s" % klass if klass else "")
+        )
+        return 0
+    if instance.state in (Instance.ABSENT, Instance.STALE):
+        out.write("not running: %s\n" % instance.reason)
+        return 2
+    err.write("%s\n" % instance.reason)
+    return 1
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -394,14 +348,26 @@ def load_server_class(path):
         raise UsageError(str(e)) from e
 
 
+#: The options ``start`` records beside the pid file and ``restart`` reuses unless given
+#: again (the pid file names itself; ``-D`` and ``--stop-timeout`` belong to one command).
+RECORDED_OPTIONS = (
+    "spork", "port", "interface", "nice", "debug", "info", "log_file", "sentry_dsn",
+    "uid", "gid",
+)
+
+
 def _parser(prog):
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Start, stop, reload or restart a spoon server as a daemon. Options "
-        "left out take their value from KLASS.command_line_defaults.",
+        description="Start, stop, reload, restart a spoon server as a daemon, or tell "
+        "whether it runs. Options left out take their value from the running instance "
+        "(restart), then from KLASS.command_line_defaults.",
+    )
+    parser.add_argument(
+        "--version", action="version", version="spoon %s" % spoon.__version__
     )
     parser.add_argument("klass", metavar="KLASS", help="dotted path of the server class")
-    parser.add_argument("command", choices=["start", "stop", "reload", "restart"])
+    parser.add_argument("command", choices=["start", "stop", "reload", "restart", "status"])
     parser.add_argument(
         "-s", "--spork", type=int, default=None, metavar="N",
         help="pre-fork N worker processes (default: the class's prefork for Sporks, "
@@ -411,10 +377,15 @@ def _parser(prog):
     parser.add_argument("-P", "--port", type=int, default=None, help="port to listen on")
     parser.add_argument("-I", "--interface", default=None, help="address to listen on")
     parser.add_argument(
-        "-n", "--nice", type=int, default=None, help="'nice' increment (default 10)"
+        "-n", "--nice", type=int, default=None,
+        help="'nice' increment (default 10 for a daemon; with -D none unless given)",
     )
-    parser.add_argument("-d", "--debug", action="store_true", help="log debug records")
-    parser.add_argument("-i", "--info", action="store_true", help="show info records on stderr")
+    parser.add_argument(
+        "-d", "--debug", action="store_true", default=None, help="log debug records"
+    )
+    parser.add_argument(
+        "-i", "--info", action="store_true", default=None, help="show info records on stderr"
+    )
     parser.add_argument(
         "-L", "--log-file", default=None,
         help="log file, reopened when logrotate moves it away",
@@ -427,6 +398,12 @@ def _parser(prog):
         "-D", "--no-daemon", action="store_true", help="stay in the foreground"
     )
     parser.add_argument(
+        "--uid", default=None,
+        help="user (name or number) to serve as: the port, pid file and log file are "
+        "opened first",
+    )
+    parser.add_argument("--gid", default=None, help="group (name or number); default: the user's")
+    parser.add_argument(
         "--stop-timeout", type=float, default=None, metavar="SECONDS",
         help="how long stop and restart wait for the old process "
         "(default: the class's graceful_timeout + 10)",
@@ -434,35 +411,99 @@ def _parser(prog):
     return parser
 
 
-def _resolve(options, klass):
-    """Fill the options left out from the class's command_line_defaults."""
+def _recorded_options(pid_file):
+    """The options recorded by the ``start`` of ``pid_file``'s instance (running, or
+    stale after a crash), or {}."""
+    try:
+        instance = inspect_pidfile(pid_file)
+    except PidFileError:
+        return {}  # said by the stop that follows
+    if instance.state not in (Instance.RUNNING, Instance.STALE) or not instance.record:
+        return {}
+    options = instance.record.get("options")
+    return {k: v for k, v in options.items() if k in RECORDED_OPTIONS} if isinstance(
+        options, dict
+    ) else {}
+
+
+def _resolve(options, klass, recorded=None):
+    """Fill the options left out: from ``recorded`` (the running instance's, for
+    ``restart``), then from the class's command_line_defaults."""
+    for name, value in (recorded or {}).items():
+        if getattr(options, name) is None:
+            setattr(options, name, value)
     defaults = dict(getattr(klass, "command_line_defaults", None) or {})
     for name, fallback in (
         ("port", 5000),
         ("interface", "::0"),
-        ("pid_file", None),
         ("log_file", None),
         ("sentry_dsn", None),
         ("spork", None),
-        ("nice", 10),
     ):
         if getattr(options, name) is None:
             value = defaults.get(name)
             setattr(options, name, fallback if value is None else value)
+    if options.nice is None and "nice" not in (recorded or {}) and not options.no_daemon:
+        # A daemon is reniced by default, as in 1.0.x; a foreground process (systemd,
+        # Docker) is left at the priority its manager gave it unless -n says otherwise.
+        options.nice = defaults.get("nice", 10)
+    options.debug = bool(options.debug)
+    options.info = bool(options.info)
     if options.stop_timeout is None:
         options.stop_timeout = float(getattr(klass, "graceful_timeout", 30) or 0) + 10.0
     if options.spork is not None:
         options.spork = int(options.spork)
         if options.spork < 1:
             raise UsageError("-s/--spork must be at least 1, not %d" % options.spork)
-    if options.pid_file:
-        options.pid_file = os.path.abspath(options.pid_file)
     if options.log_file:
         options.log_file = os.path.abspath(options.log_file)
     return options
 
 
-def _start(options, klass, out):
+def _user(options):
+    """(uid, gid, name) to switch to after binding, or None when none was asked for."""
+    if options.uid is None and options.gid is None:
+        return None
+    from spoon import prefork
+
+    try:
+        # spoon.prefork's resolution, so that --uid/--gid mean the same in every entry
+        # point.  (It is private there today; it should become public.)
+        uid, gid, name = prefork._user_ids(options.uid, options.gid)
+    except (KeyError, ValueError) as e:
+        given = " ".join(
+            "--%s %s" % (name, getattr(options, name))
+            for name in ("uid", "gid") if getattr(options, name) is not None
+        )
+        raise UsageError("%s: no such user or group (%s)" % (given, e)) from e
+    changes = (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid())
+    if changes and os.geteuid() != 0:
+        raise UsageError("--uid/--gid: only root can switch to another user or group")
+    return uid, gid, name
+
+
+#: Imported before switching user beyond :data:`spoon.prefork.PRELOAD_BEFORE_SWITCH`, which
+#: lacks it today: what a Gulp server imports when it starts listening.
+PRELOAD_BEFORE_SWITCH = ("spoon.lean",)
+
+
+def _become(user, server, pooled):
+    """Switch to ``user`` (see :func:`_user`) once everything the serving process needs
+    is imported: after the switch the interpreter's files may be out of reach.
+
+    A process that serves alone installs its reactor now (``serve_forever`` would, a
+    moment later).  A pool's supervisor must not: it forks workers, which install theirs.
+    """
+    from spoon import prefork, worker
+
+    worker.preload(prefork.PRELOAD_BEFORE_SWITCH + PRELOAD_BEFORE_SWITCH)
+    if not pooled:
+        import twisted.internet.reactor  # noqa: F401
+    prefork.switch_user(*user)
+    server.log.info("Running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+def _start(options, klass):
     from spoon import logs
 
     # Everything that can fail is tried before anything forks.
@@ -474,6 +515,7 @@ def _start(options, klass, out):
             "starting a daemon needs a pid file: give -p/--pid-file (or set pid_file in "
             "command_line_defaults), or stay in the foreground with -D"
         )
+    user = _user(options)
     level = logging.DEBUG if options.debug else logging.INFO
     stream_level = logging.DEBUG if options.debug else (
         logging.INFO if options.info or (not daemonize and not options.log_file)
@@ -497,9 +539,9 @@ def _start(options, klass, out):
     elif workers is not None and workers > 1:
         # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
         # same supervisor, around this server's socket.
-        def serve_pool():
-            from spoon.prefork import Supervisor
+        from spoon.prefork import Supervisor
 
+        def serve_pool():
             Supervisor(server, workers=workers).run()
 
         serve = serve_pool
@@ -520,19 +562,29 @@ def _start(options, klass, out):
             os.getpid(),
             ", %s workers" % workers if workers and workers > 1 else "",
         )
+        if user is not None:
+            _become(user, server, pooled=bool(workers and workers > 1))
 
+    record = {
+        "klass": options.klass,
+        "options": {name: getattr(options, name) for name in RECORDED_OPTIONS},
+    }
     try:
-        _serve(server, options.pid_file, daemonize, after_detach, serve)
+        _serve(server, options.pid_file, daemonize, after_detach, serve, record)
     finally:
         server.server_close()
     return 0
 
 
+def _program_name():
+    program = os.path.basename(sys.argv[0] or "spoon")
+    return "python -m spoon.daemon" if program in ("daemon.py", "__main__.py", "-c") else program
+
+
 def main(argv=None):
     """The ``spoon`` / ``python -m spoon.daemon`` command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    program = os.path.basename(sys.argv[0] or "spoon")
-    prog = "python -m spoon.daemon" if program in ("daemon.py", "__main__.py", "-c") else program
+    prog = _program_name()
     options = _parser(prog).parse_args(argv)
     out = sys.stderr
     # Like twistd: the server's module may live in the current directory.
@@ -540,22 +592,41 @@ def main(argv=None):
         sys.path.insert(0, os.getcwd())
     try:
         klass = load_server_class(options.klass)
-        _resolve(options, klass)
-        if options.command in ("stop", "reload", "restart") and not options.pid_file:
+        if options.pid_file is None:
+            options.pid_file = (getattr(klass, "command_line_defaults", None) or {}).get(
+                "pid_file"
+            )
+        if options.pid_file:
+            options.pid_file = os.path.abspath(options.pid_file)
+        elif options.command != "start":
             raise UsageError(
                 "%s needs the pid file: give -p/--pid-file (or set pid_file in "
                 "command_line_defaults)" % options.command
             )
+        recorded = _recorded_options(options.pid_file) if options.command == "restart" else {}
+        _resolve(options, klass, recorded)
+        if options.command == "status":
+            return report_status(options.pid_file, sys.stdout, out)
         if options.command == "reload":
             if send_action("reload", options.pid_file, logger=_cli_logger(out), klass=klass) is None:
                 return 1
             return 0
         if options.command == "stop":
-            return 0 if _stop_cli(options, klass, out) else 1
+            return _stop_cli(options, klass, out)
         if options.command == "restart":
-            if not _stop_cli(options, klass, out):
-                return 1
-        return _start(options, klass, out)
+            status = _stop_cli(options, klass, out, restarting=True)
+            if status:
+                return status
+            shown = sorted(
+                (name, value) for name, value in recorded.items()
+                if value not in (None, False)
+            )
+            if shown:
+                _cli_logger(out).info(
+                    "Restarting with the options of the running instance: %s",
+                    ", ".join("%s=%s" % item for item in shown),
+                )
+        return _start(options, klass)
     except UsageError as e:
         out.write("%s: error: %s\n" % (prog, e))
         return 2
@@ -584,19 +655,30 @@ def _cli_logger(out):
     return logger
 
 
-def _stop_cli(options, klass, out):
+def _stop_cli(options, klass, out, restarting=False):
+    """Stop the daemon and wait for it to exit; the exit status.  For ``restart``, a
+    daemon that is not running (no pid file, or a stale one) is no failure."""
     logger = _cli_logger(out)
-    pid = send_action("stop", options.pid_file, logger=logger, klass=klass)
+    instance, pid = _act("stop", options.pid_file, logger, klass)
     if pid is None:
-        return True
-    if not wait_for_exit(pid, options.stop_timeout):
+        if restarting and instance is not None and instance.state in (
+            Instance.ABSENT, Instance.STALE
+        ):
+            return 0
+        if instance is not None and instance.running:
+            pid = instance.pid  # it exited on its own between the check and the signal
+        else:
+            return 1
+    if not wait_for_exit(pid, options.stop_timeout, instance.start_time):
         out.write(
             "process %d did not exit within %ss of the stop signal\n"
             % (pid, options.stop_timeout)
         )
-        return False
+        return 1
     logger.info("Process %d has exited", pid)
-    return True
+    # A daemon that switched user may not have been allowed to remove its pid file.
+    remove_pidfile(options.pid_file, pid)
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,12 +5,16 @@ test ends (use the ``procs`` fixture from ``conftest.py``).
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import uuid
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -270,6 +274,177 @@ def read_events(path):
         return []
 
 
+# -- the spoon command (spoon.daemon) ---------------------------------------------------------
+
+PROBE_MODULE = '''
+"""A server whose answers show what the daemon did: its config generation and pid."""
+import os
+
+import spoon.server
+from twisted.logger import Logger
+
+_twisted_log = Logger(namespace="probe.twisted")
+
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        line = self.rfile.readline().decode()
+        word = line.strip()
+        self.server.log.info("handled %r", word)
+        _twisted_log.info("twisted saw {word}", word=word)
+        if word == "gen":
+            answer = "%d %d" % (self.server.generation, os.getpid())
+        elif word == "warn":
+            self.server.log.warning("probe warning from %d", os.getpid())
+            answer = "warned"
+        elif word == "prefork":
+            answer = str(getattr(self.server, "prefork", None))
+        elif word == "hold":
+            # Keep this connection in flight until the client closes it (or the graceful
+            # stop times out): mid-request (a body read), which a graceful stop waits for.
+            self.rfile.read(1)
+            answer = "released"
+        else:
+            answer = line.lower()
+        self.wfile.write(answer.encode() + b"\\n")
+
+
+class ProbeServer(spoon.server.TCPSpoon):
+    server_logger = "probe-server"
+    handler_klass = Handler
+    graceful_timeout = 3
+    generation = 0
+    command_line_defaults = dict(
+        spoon.server.TCPSpoon.command_line_defaults, port=0, interface="127.0.0.1"
+    )
+
+    def __init__(self, address):
+        super().__init__(address)
+        # Tell the test the port (bound to 0) before the daemon detaches.
+        target = os.environ["PROBE_PORT_FILE"]
+        with open(target + ".tmp", "w") as f:
+            f.write("%d\\n" % self.server_address[1])
+        os.replace(target + ".tmp", target)
+
+    def load_config(self):
+        self.generation += 1
+
+
+class ProbeSpork(ProbeServer, spoon.server.TCPSpork):
+    prefork = 2
+
+
+class NotAServer:
+    pass
+'''
+
+
+def processes_with_token(token):
+    """Pids whose environment holds ``token`` (any process this test started)."""
+    needle = ("SPOON_TEST_TOKEN=%s" % token).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+class Daemons:
+    """Runs ``python -m spoon.daemon`` in a scratch directory with the probe module."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        (tmp_path / "probe_servers.py").write_text(PROBE_MODULE)
+        self.token = uuid.uuid4().hex
+        self.pid_file = str(tmp_path / "probe.pid")
+        self.port_file = str(tmp_path / "probe.port")
+        self.log_file = str(tmp_path / "probe.log")
+        self.pid_files = [self.pid_file]
+        self.env = dict(os.environ)
+        self.env.update(
+            PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
+            PROBE_PORT_FILE=self.port_file,
+            SPOON_TEST_TOKEN=self.token,
+            PYTHONUNBUFFERED="1",
+        )
+
+    def run(self, *args, timeout=60, klass="probe_servers.ProbeServer"):
+        """Run the command line to completion (bounded); return the CompletedProcess."""
+        return subprocess.run(
+            [sys.executable, "-m", "spoon.daemon", klass, *args],
+            cwd=str(self.dir),
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def start(self, *extra, klass="probe_servers.ProbeServer"):
+        for path in (self.port_file,):
+            if os.path.exists(path):
+                os.unlink(path)
+        result = self.run("start", "-p", self.pid_file, *extra, klass=klass)
+        assert result.returncode == 0, result.stderr
+        return self.pid(), self.port()
+
+    def pid(self, path=None):
+        with open(path or self.pid_file) as f:
+            return int(f.read())
+
+    def port(self):
+        with open(self.port_file) as f:
+            return int(f.read())
+
+    def ask(self, port, word, timeout=10.0):
+        return request(("127.0.0.1", port), word.encode() + b"\n", timeout=timeout).decode()
+
+    def kill_all(self):
+        """SIGKILL every process of this test until none is left: a supervisor killed
+        after its workers may have forked a replacement in between, so one pass is not
+        enough."""
+        def alive():
+            pids = set(processes_with_token(self.token))
+            for path in self.pid_files:
+                try:
+                    pids.add(self.pid(path))
+                except (OSError, ValueError):
+                    pass
+            return [p for p in pids if p != os.getpid() and pid_alive(p)]
+
+        def kill_round():
+            for pid in alive():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return not alive()
+
+        wait_for(kill_round, timeout=20, interval=0.05, what="every daemon process to die")
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    d = Daemons(tmp_path)
+    yield d
+    d.kill_all()
+    assert not [p for p in processes_with_token(d.token) if pid_alive(p)]
+
+
+def log_lines(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def bound_client(host, kind=socket.SOCK_STREAM, timeout=5.0):
     """A client socket bound to ``host`` (a loopback alias such as 127.0.0.2), so that a
     server sees it come from that address."""
@@ -277,3 +452,64 @@ def bound_client(host, kind=socket.SOCK_STREAM, timeout=5.0):
     sock.settimeout(timeout)
     sock.bind((host, 0))
     return sock
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
+
+
+def lines_matching(path, name, text):
+    """(pid, message) of the log lines from logger ``name`` containing ``text``."""
+    found = []
+    for line in log_lines(path):
+        match = LOG_LINE.match(line)
+        if match and match.group(2) == name and text in match.group(4):
+            found.append((int(match.group(1)), match.group(4)))
+    return found
+
+
+def workers_of(master, count):
+    """The ``count`` live children of ``master``, once it has that many (bounded)."""
+    return wait_for(
+        lambda: (lambda kids: kids if len(kids) == count else None)(
+            [k for k in children_of(master) if pid_alive(k)]
+        ),
+        timeout=30,
+        what="%d workers of %d" % (count, master),
+    )
+
+
+def proc_ids(pid):
+    """(real, effective, saved, fs) uids and the same gids of ``pid``, from /proc."""
+    ids = {}
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("Uid", "Gid"):
+                ids[key] = [int(x) for x in value.split()]
+    return ids["Uid"], ids["Gid"]
+
+
+def readable_by_others(path):
+    """True when a user who neither owns nor shares a group with the files on the way (as
+    ``nobody``) can read ``path``: every directory above it lets others search it, and it
+    lets others read it."""
+    path = os.path.realpath(path)
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent):
+        if not os.stat(parent).st_mode & 0o001:
+            return False
+        parent = os.path.dirname(parent)
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+@pytest.fixture
+def sleeper():
+    """A real process to signal, unrelated to spoon; killed at the end whatever happened.
+    A plain ``sleep``, so that a signal has its default effect at any moment (a Python
+    child would turn an early SIGINT into KeyboardInterrupt depending on how far its
+    start-up got) and a signal sent by mistake shows."""
+    proc = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)

@@ -7,200 +7,27 @@ half-way.  All waits are bounded polls.
 """
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
 import spoon.daemon
-from support import ROOT, SentryCollector, children_of, pid_alive, request, wait_for
-
-PROBE_MODULE = '''
-"""A server whose answers show what the daemon did: its config generation and pid."""
-import os
-
-import spoon.server
-from twisted.logger import Logger
-
-_twisted_log = Logger(namespace="probe.twisted")
-
-
-class Handler(spoon.server.Gulp):
-    def handle(self):
-        line = self.rfile.readline().decode()
-        word = line.strip()
-        self.server.log.info("handled %r", word)
-        _twisted_log.info("twisted saw {word}", word=word)
-        if word == "gen":
-            answer = "%d %d" % (self.server.generation, os.getpid())
-        elif word == "warn":
-            self.server.log.warning("probe warning from %d", os.getpid())
-            answer = "warned"
-        elif word == "prefork":
-            answer = str(getattr(self.server, "prefork", None))
-        elif word == "hold":
-            # Keep this connection in flight until the client closes it (or the graceful
-            # stop times out): mid-request (a body read), which a graceful stop waits for.
-            self.rfile.read(1)
-            answer = "released"
-        else:
-            answer = line.lower()
-        self.wfile.write(answer.encode() + b"\\n")
-
-
-class ProbeServer(spoon.server.TCPSpoon):
-    server_logger = "probe-server"
-    handler_klass = Handler
-    graceful_timeout = 3
-    generation = 0
-    command_line_defaults = dict(
-        spoon.server.TCPSpoon.command_line_defaults, port=0, interface="127.0.0.1"
-    )
-
-    def __init__(self, address):
-        super().__init__(address)
-        # Tell the test the port (bound to 0) before the daemon detaches.
-        target = os.environ["PROBE_PORT_FILE"]
-        with open(target + ".tmp", "w") as f:
-            f.write("%d\\n" % self.server_address[1])
-        os.replace(target + ".tmp", target)
-
-    def load_config(self):
-        self.generation += 1
-
-
-class ProbeSpork(ProbeServer, spoon.server.TCPSpork):
-    prefork = 2
-
-
-class NotAServer:
-    pass
-'''
-
-
-def _processes_with_token(token):
-    """Pids whose environment holds ``token`` (any process this test started)."""
-    needle = ("SPOON_TEST_TOKEN=%s" % token).encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % entry, "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
-class Daemons:
-    """Runs ``python -m spoon.daemon`` in a scratch directory with the probe module."""
-
-    def __init__(self, tmp_path):
-        self.dir = tmp_path
-        (tmp_path / "probe_servers.py").write_text(PROBE_MODULE)
-        self.token = uuid.uuid4().hex
-        self.pid_file = str(tmp_path / "probe.pid")
-        self.port_file = str(tmp_path / "probe.port")
-        self.log_file = str(tmp_path / "probe.log")
-        self.pid_files = [self.pid_file]
-        self.env = dict(os.environ)
-        self.env.update(
-            PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
-            PROBE_PORT_FILE=self.port_file,
-            SPOON_TEST_TOKEN=self.token,
-            PYTHONUNBUFFERED="1",
-        )
-
-    def run(self, *args, timeout=60, klass="probe_servers.ProbeServer"):
-        """Run the command line to completion (bounded); return the CompletedProcess."""
-        return subprocess.run(
-            [sys.executable, "-m", "spoon.daemon", klass, *args],
-            cwd=str(self.dir),
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def start(self, *extra, klass="probe_servers.ProbeServer"):
-        for path in (self.port_file,):
-            if os.path.exists(path):
-                os.unlink(path)
-        result = self.run("start", "-p", self.pid_file, *extra, klass=klass)
-        assert result.returncode == 0, result.stderr
-        return self.pid(), self.port()
-
-    def pid(self, path=None):
-        with open(path or self.pid_file) as f:
-            return int(f.read())
-
-    def port(self):
-        with open(self.port_file) as f:
-            return int(f.read())
-
-    def ask(self, port, word, timeout=10.0):
-        return request(("127.0.0.1", port), word.encode() + b"\n", timeout=timeout).decode()
-
-    def kill_all(self):
-        """SIGKILL every process of this test until none is left: a supervisor killed
-        after its workers may have forked a replacement in between, so one pass is not
-        enough."""
-        def alive():
-            pids = set(_processes_with_token(self.token))
-            for path in self.pid_files:
-                try:
-                    pids.add(self.pid(path))
-                except (OSError, ValueError):
-                    pass
-            return [p for p in pids if p != os.getpid() and pid_alive(p)]
-
-        def kill_round():
-            for pid in alive():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            return not alive()
-
-        wait_for(kill_round, timeout=20, interval=0.05, what="every daemon process to die")
-
-
-@pytest.fixture
-def daemons(tmp_path):
-    d = Daemons(tmp_path)
-    yield d
-    d.kill_all()
-    assert not [p for p in _processes_with_token(d.token) if pid_alive(p)]
-
-
-def _log_lines(path):
-    try:
-        with open(path) as f:
-            return f.read().splitlines()
-    except FileNotFoundError:
-        return []
-
-
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
-
-
-def _lines_matching(path, name, text):
-    """(pid, message) of the log lines from logger ``name`` containing ``text``."""
-    found = []
-    for line in _log_lines(path):
-        match = LINE.match(line)
-        if match and match.group(2) == name and text in match.group(4):
-            found.append((int(match.group(1)), match.group(4)))
-    return found
-
+from support import (
+    LOG_LINE,
+    ROOT,
+    SentryCollector,
+    daemons,  # noqa: F401 (the fixture)
+    lines_matching,
+    log_lines,
+    pid_alive,
+    processes_with_token,
+    wait_for,
+    workers_of,
+)
 
 # -- start / reload / stop ---------------------------------------------------------------------
 
@@ -237,16 +64,16 @@ def test_start_serve_reload_stop(daemons):
     assert [name for name in os.listdir(daemons.dir) if ".pid" in name] == []
 
     # One log: server records and Twisted's events, each line with the daemon's pid.
-    assert _lines_matching(daemons.log_file, "probe-server", "Starting probe_servers.ProbeServer")
+    assert lines_matching(daemons.log_file, "probe-server", "Starting probe_servers.ProbeServer")
     # (the reload was polled for: "gen" was asked at least twice)
-    handled = [p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled 'gen'")]
+    handled = [p for p, _ in lines_matching(daemons.log_file, "probe-server", "handled 'gen'")]
     assert len(handled) >= 2 and set(handled) == {pid}
-    seen = [p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw gen")]
+    seen = [p for p, _ in lines_matching(daemons.log_file, "twisted", "twisted saw gen")]
     assert len(seen) == len(handled) and set(seen) == {pid}
-    assert _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
-    assert _lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
-    for line in _log_lines(daemons.log_file):
-        assert LINE.match(line), line
+    assert lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
+    assert lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
+    for line in log_lines(daemons.log_file):
+        assert LOG_LINE.match(line), line
 
 
 def test_restart_waits_for_the_old_process(daemons):
@@ -320,7 +147,7 @@ def test_start_removes_a_stale_pid_file(daemons):
     pid, port = daemons.start("-L", daemons.log_file)
     assert pid != dead.pid
     assert daemons.ask(port, "gen") == "1 %d\n" % pid
-    assert _lines_matching(daemons.log_file, "spoon.daemon", "Removing stale pid file")
+    assert lines_matching(daemons.log_file, "spoon.daemon", "Removing stale pid file")
 
 
 def test_unwritable_pid_file_location_fails_before_forking(daemons):
@@ -330,7 +157,7 @@ def test_unwritable_pid_file_location_fails_before_forking(daemons):
     assert "cannot write the pid file %s" % missing in result.stderr
     # The server was never built (it would have written the port file), nothing runs.
     assert not os.path.exists(daemons.port_file)
-    assert _processes_with_token(daemons.token) == []
+    assert processes_with_token(daemons.token) == []
 
 
 def test_pid_file_that_is_not_a_pid_is_left_alone(daemons):
@@ -346,21 +173,21 @@ def test_pid_file_that_is_not_a_pid_is_left_alone(daemons):
 def test_log_file_survives_logrotate_move_and_create(daemons):
     pid, port = daemons.start("-L", daemons.log_file)
     assert daemons.ask(port, "before") == "before\n\n"
-    wait_for(lambda: _lines_matching(daemons.log_file, "probe-server", "handled 'before'"))
+    wait_for(lambda: lines_matching(daemons.log_file, "probe-server", "handled 'before'"))
     rotated = daemons.log_file + ".1"
     os.rename(daemons.log_file, rotated)
     assert daemons.ask(port, "after") == "after\n\n"
     # The daemon noticed the move and created a new file at the same path.
     wait_for(lambda: os.path.exists(daemons.log_file), what="a new log file")
-    assert _lines_matching(daemons.log_file, "probe-server", "handled 'after'") == [
+    assert lines_matching(daemons.log_file, "probe-server", "handled 'after'") == [
         (pid, "handled 'after'")
     ]
-    assert _lines_matching(daemons.log_file, "twisted", "twisted saw after") == [
+    assert lines_matching(daemons.log_file, "twisted", "twisted saw after") == [
         (pid, "twisted saw after")
     ]
-    assert not _lines_matching(rotated, "probe-server", "handled 'after'")
+    assert not lines_matching(rotated, "probe-server", "handled 'after'")
     assert daemons.run("reload", "-p", daemons.pid_file).returncode == 0
-    wait_for(lambda: _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received"))
+    wait_for(lambda: lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received"))
 
 
 def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
@@ -389,7 +216,7 @@ def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
     assert not os.path.exists(daemons.pid_file)
     lines = err.decode().splitlines()
     assert any(
-        LINE.match(line) and "[%d] probe-server INFO: handled 'gen'" % proc.pid in line
+        LOG_LINE.match(line) and "[%d] probe-server INFO: handled 'gen'" % proc.pid in line
         for line in lines
     ), err
     assert any("[%d] twisted INFO: twisted saw gen" % proc.pid in line for line in lines), err
@@ -398,20 +225,10 @@ def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
 # -- pre-forked pools (and the Spork class default: the original crashed on int(None)) ----------
 
 
-def _workers(master, count):
-    return wait_for(
-        lambda: (lambda kids: kids if len(kids) == count else None)(
-            [k for k in children_of(master) if pid_alive(k)]
-        ),
-        timeout=30,
-        what="%d workers of %d" % (count, master),
-    )
-
-
 def test_spork_pool_start_reload_stop(daemons):
     klass = "probe_servers.ProbeSpork"
     master, port = daemons.start("-L", daemons.log_file, klass=klass)
-    workers = _workers(master, 2)  # the class's prefork = 2, no -s given
+    workers = workers_of(master, 2)  # the class's prefork = 2, no -s given
     gen, answering = daemons.ask(port, "gen").split()
     assert gen == "1" and int(answering) in workers
     assert daemons.ask(port, "prefork") == "2\n"
@@ -419,7 +236,7 @@ def test_spork_pool_start_reload_stop(daemons):
     assert daemons.run("reload", "-p", daemons.pid_file, klass=klass).returncode == 0
     # Every worker reloaded (each logs it with its own pid), and answers the new generation.
     wait_for(
-        lambda: {p for p, _ in _lines_matching(daemons.log_file, "probe-server", "SIGUSR1")}
+        lambda: {p for p, _ in lines_matching(daemons.log_file, "probe-server", "SIGUSR1")}
         >= set(workers),
         timeout=20,
         what="SIGUSR1 in every worker",
@@ -433,24 +250,24 @@ def test_spork_pool_start_reload_stop(daemons):
     assert not os.path.exists(daemons.pid_file)
 
     # One file: the master's and every worker's records, each with its writer's pid.
-    assert _lines_matching(daemons.log_file, "probe-server", "Starting")[0][0] == master
-    handled = {p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled")}
+    assert lines_matching(daemons.log_file, "probe-server", "Starting")[0][0] == master
+    handled = {p for p, _ in lines_matching(daemons.log_file, "probe-server", "handled")}
     assert handled and handled <= set(workers)
-    seen = {p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw")}
+    seen = {p for p, _ in lines_matching(daemons.log_file, "twisted", "twisted saw")}
     assert seen and seen <= set(workers)
-    for line in _log_lines(daemons.log_file):
-        assert LINE.match(line), line
+    for line in log_lines(daemons.log_file):
+        assert LOG_LINE.match(line), line
 
 
-def test_spork_option_sets_the_number_of_workers(daemons):
+def test_spork_option_sets_the_number_ofworkers_of(daemons):
     master, port = daemons.start("-s", "3", klass="probe_servers.ProbeSpork")
-    _workers(master, 3)
+    workers_of(master, 3)
     assert daemons.ask(port, "prefork") == "3\n"
 
 
 def test_spork_option_preforks_a_spoon_class(daemons):
     master, port = daemons.start("-s", "2")
-    workers = _workers(master, 2)
+    workers = workers_of(master, 2)
     gen, answering = daemons.ask(port, "gen").split()
     assert gen == "1" and int(answering) in workers
     assert daemons.run("stop", "-p", daemons.pid_file).returncode == 0
@@ -487,7 +304,7 @@ def test_busy_port(daemons):
     assert "cannot listen on 127.0.0.1:%d" % port in result.stderr
     assert "Address already in use" in result.stderr
     assert not os.path.exists(daemons.pid_file)
-    assert _processes_with_token(daemons.token) == []
+    assert processes_with_token(daemons.token) == []
 
 
 def test_spork_count_must_be_positive(daemons):
@@ -517,7 +334,7 @@ def test_sentry_missing_is_said_clearly(daemons):
 
 def test_stop_and_reload_without_a_daemon(daemons):
     stop = daemons.run("stop", "-p", daemons.pid_file)
-    assert stop.returncode == 0
+    assert stop.returncode == 1
     assert "No pid file available: %s" % daemons.pid_file in stop.stderr
     reload = daemons.run("reload", "-p", daemons.pid_file)
     assert reload.returncode == 1
@@ -532,7 +349,7 @@ def test_console_script_has_the_same_arguments():
     assert result.returncode == 0
     for flag in ("--spork", "--pid-file", "--port", "--interface", "--nice", "--debug",
                  "--info", "--log-file", "--sentry-dsn", "--no-daemon",
-                 "{start,stop,reload,restart}"):
+                 "{start,stop,reload,restart,status}", "--uid", "--gid", "--version"):
         assert flag in result.stdout
     assert result.stdout.startswith("usage: spoon ")
 
@@ -622,7 +439,7 @@ def test_unwritable_log_file_fails_before_forking(daemons):
     assert result.returncode == 1
     assert missing in result.stderr and "No such file or directory" in result.stderr
     assert not os.path.exists(daemons.pid_file)
-    assert _processes_with_token(daemons.token) == []
+    assert processes_with_token(daemons.token) == []
 
 
 def test_sentry_dsn_reports_from_the_daemon(daemons):

@@ -1,27 +1,19 @@
 """Pid file helpers and send_action, on real files, real processes and real signals."""
 
+import io
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from spoon import daemon
+from spoon import daemon, pidfile
 from spoon.server import TCPSpoon
-
-
-@pytest.fixture
-def sleeper():
-    """A real process to signal; killed at the end whatever happened.  A plain ``sleep``,
-    so that a signal has its default effect at any moment (a Python child would turn an
-    early SIGINT into KeyboardInterrupt depending on how far its start-up got)."""
-    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    yield proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
+from support import ROOT, sleeper  # noqa: F401 (the fixture)
 
 
 def test_write_pidfile_is_atomic_and_readable(tmp_path):
@@ -34,7 +26,8 @@ def test_write_pidfile_is_atomic_and_readable(tmp_path):
     assert path.read_text() == "4242\n"
     assert os.stat(path).st_mode & 0o777 == 0o644
     assert daemon.read_pidfile(str(path)) == 4242
-    assert sorted(os.listdir(tmp_path)) == ["x.pid"]
+    # Beside it, the identity record (no temporary files left).
+    assert sorted(os.listdir(tmp_path)) == ["x.pid", "x.pid.json"]
 
 
 def test_write_pidfile_defaults_to_this_process(tmp_path):
@@ -161,3 +154,129 @@ def test_wait_for_exit(sleeper):
     assert daemon.wait_for_exit(sleeper.pid, 0.05) is False
     sleeper.kill()
     assert daemon.wait_for_exit(sleeper.pid, 30) is True
+
+
+# -- the lock and the identity: only the daemon that wrote the pid file is signalled ----------
+
+LOCKER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+os.write(fd, b"%d\\n" % os.getpid())
+print("LOCKED", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def locker(tmp_path):
+    """A process that writes a bare pid file (the old format: no identity record) naming
+    itself and holds its lock, as a spoon daemon does; killed at the end."""
+    path = str(tmp_path / "locked.pid")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline() == b"LOCKED\n"
+        yield proc, path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+def test_a_bare_pid_file_is_vouched_for_by_its_lock(locker, caplog):
+    proc, path = locker
+    assert not os.path.exists(path + ".json")
+    instance = daemon.inspect_pidfile(path)
+    assert (instance.state, instance.pid, instance.holder) == ("running", proc.pid, proc.pid)
+    with caplog.at_level(logging.INFO, logger="spoon.daemon"):
+        assert daemon.send_action("stop", path) == proc.pid
+    assert proc.wait(timeout=10) == -signal.SIGTERM
+    assert "Sent SIGTERM to process %d (stop)" % proc.pid in caplog.text
+    # Its lock went with it: the same file now names a dead process.
+    assert daemon.inspect_pidfile(path).state == "stale"
+
+
+def test_a_bare_pid_file_naming_an_unrelated_process_is_not_signalled(tmp_path, sleeper, caplog):
+    path = tmp_path / "x.pid"
+    path.write_text("%d\n" % sleeper.pid)  # as an old spoon, or anyone, may have left it
+    instance = daemon.inspect_pidfile(str(path))
+    assert instance.state == "unverified" and instance.holder is None
+    with caplog.at_level(logging.WARNING, logger="spoon.daemon"):
+        assert daemon.send_action("reload", str(path)) is None
+        assert daemon.send_action("stop", str(path)) is None
+    assert sleeper.poll() is None
+    assert caplog.text.count("process %d from %s neither holds" % (sleeper.pid, path)) == 2
+    with pytest.raises(daemon.PidFileError, match="already running: .*neither holds"):
+        daemon.check_pidfile(str(path))
+    assert path.read_text() == "%d\n" % sleeper.pid
+
+
+def test_a_reused_pid_does_not_match_the_recorded_start_time(tmp_path, sleeper, caplog):
+    path = str(tmp_path / "x.pid")
+    daemon.write_pidfile(path, sleeper.pid)
+    record = json.loads(open(path + ".json").read())
+    assert record == {"pid": sleeper.pid, "start_time": pidfile.process_start_time(sleeper.pid)}
+    # The daemon that wrote the file started one tick earlier than the process that has
+    # its pid now: a crash, then pid reuse.
+    record["start_time"] -= 1
+    with open(path + ".json", "w") as f:
+        json.dump(record, f)
+    assert daemon.inspect_pidfile(path).state == "stale"
+    with caplog.at_level(logging.WARNING, logger="spoon.daemon"):
+        assert daemon.send_action("stop", path) is None
+    assert "now belongs to another process" in caplog.text
+    assert sleeper.poll() is None
+    # start removes such a pid file and its record as stale.
+    daemon.check_pidfile(path)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_record_of_another_pid_is_no_identity(tmp_path, sleeper):
+    path = str(tmp_path / "x.pid")
+    daemon.write_pidfile(path, sleeper.pid)
+    with open(path, "w") as f:
+        f.write("%d\n" % os.getpid())  # rewritten by someone, the record left behind
+    assert daemon.inspect_pidfile(path).state == "unverified"
+
+
+def test_the_lock_is_held_by_the_process_that_wrote_the_pid_file(tmp_path):
+    path = str(tmp_path / "me.pid")
+    daemon.write_pidfile(path)
+    # Another process sees this one as the holder; this one never sees its own lock.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path[:0] = [%r]\n" % ROOT
+         + "from spoon import daemon; i = daemon.inspect_pidfile(%r); print(i.state, i.holder)"
+         % path],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert probe.stdout.split() == ["running", str(os.getpid())], probe.stderr
+    assert daemon.remove_pidfile(path) is True
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_status_exit_codes(tmp_path, sleeper, locker):
+    proc, locked = locker
+    out, err = io.StringIO(), io.StringIO()
+    assert daemon.report_status(locked, out, err) == 0
+    assert re.match(r"running: pid %d, up \d\d:\d\d:\d\d\n$" % proc.pid, out.getvalue())
+    path = tmp_path / "x.pid"
+    out = io.StringIO()
+    assert daemon.report_status(str(path), out, err) == 2
+    assert out.getvalue() == "not running: No pid file available: %s\n" % path
+    path.write_text("%d\n" % sleeper.pid)
+    assert daemon.report_status(str(path), out, err) == 1
+    assert "neither holds" in err.getvalue()
+    sleeper.kill()
+    sleeper.wait(timeout=10)
+    out = io.StringIO()
+    assert daemon.report_status(str(path), out, err) == 2
+    assert out.getvalue().startswith("not running: Process %d " % sleeper.pid)
+    path.write_text("junk")
+    err = io.StringIO()
+    assert daemon.report_status(str(path), out, err) == 1
+    assert "does not hold a pid" in err.getvalue()
