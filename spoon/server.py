@@ -152,6 +152,25 @@ def check_server_class(klass):
         )
 
 
+def check_handler_class(server_class):
+    """Raise TypeError, in one line saying what to do, unless ``server_class`` names a
+    handler it can serve: a ``socketserver.BaseRequestHandler`` subclass (a Gulp) whose
+    ``handle()`` is its own.  Called before serving, so that a server class written
+    without its handler fails at start instead of failing every connection."""
+    handler = getattr(server_class, "handler_klass", None)
+    name = server_class.__qualname__
+    if not (isinstance(handler, type) and issubclass(handler, socketserver.BaseRequestHandler)):
+        raise TypeError(
+            "%s.handler_klass is %r, not a request handler class: set it to a subclass of "
+            "spoon.server.Gulp (UDPGulp for UDP)" % (name, handler)
+        )
+    if handler.handle is _Gulp.handle:
+        raise TypeError(
+            "%s has no handler: set handler_klass to a subclass of spoon.server.Gulp "
+            "(UDPGulp for UDP) that implements handle()" % name
+        )
+
+
 class _SpoonMixIn:
     """A server that consumes Gulps in a single process.
 
@@ -257,6 +276,11 @@ class _SpoonMixIn:
                     e.errno,
                     "cannot listen on %s: %s" % (_address_text(address), e.strerror or e),
                 ) from e
+            except OverflowError as e:
+                self.server_close()
+                raise ValueError(
+                    "cannot listen on %s: the port must be 0-65535" % _address_text(address)
+                ) from e
             except BaseException:
                 self.server_close()
                 raise
@@ -314,6 +338,7 @@ class _SpoonMixIn:
         thread on the accepted (blocking) socket, so nothing outlives the call.  A
         handler's ``wait()`` needs a reactor and is not available in this mode.
         """
+        check_handler_class(type(self))
         timeout = self.timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         with selectors.PollSelector() as selector:
@@ -368,15 +393,17 @@ class _SpoonMixIn:
 
     # -- serving --------------------------------------------------------------------------
 
-    def serve_forever(self, poll_interval=0.1):
+    def serve_forever(self, poll_interval=None):
         """Run a reactor serving this server until :meth:`shutdown` (or SIGTERM).
 
-        The reactor needs no polling; ``poll_interval`` is how often ``service_actions()``
-        runs (in the reactor thread), when the class overrides it.
+        The reactor needs no polling; ``poll_interval`` (default 0.1) is how often
+        ``service_actions()`` runs (in the reactor thread), when the class overrides it.
         """
+        check_handler_class(type(self))
         reactor = reactor_for_serving()
         self._reactor = reactor
-        self._poll_interval = poll_interval
+        if poll_interval is not None:
+            self._poll_interval = poll_interval
         self._stopping = False
         self._serving_thread = threading.get_ident()
         self._stopped.clear()
@@ -630,8 +657,11 @@ class _SporkMixIn(_SpoonMixIn):
     def serve_forever(self, poll_interval=0.1):
         """Pre-fork ``prefork`` workers and supervise them until :meth:`shutdown` or a stop
         signal (see :mod:`spoon.prefork` for the signals the supervisor handles)."""
+        check_handler_class(type(self))
         if self.prefork is None or self.prefork <= 1:
             return _SpoonMixIn.serve_forever(self, poll_interval)
+        # Each worker's service_actions() runs at this interval too.
+        self._poll_interval = poll_interval
         from spoon.prefork import Supervisor
 
         Supervisor(self).run()

@@ -18,3 +18,16 @@ def server_process():
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Servers built in the test process install signal handlers: put the old ones back."""
+    import signal
+
+    signums = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+    saved = {s: signal.getsignal(s) for s in signums}
+    yield
+    for signum, handler in saved.items():
+        if handler is not None and signal.getsignal(signum) is not handler:
+            signal.signal(signum, handler)

@@ -75,7 +75,9 @@ class HookedMixIn:
         super().server_activate()
 
     def service_actions(self):
-        record("service_actions")
+        import time
+
+        record("service_actions", ("when", "%.3f" % time.monotonic()))
 
 
 class HookedSpoon(HookedMixIn, spoon.server.TCPSpoon):

@@ -133,3 +133,29 @@ def test_out_of_descriptors_the_accept_loop_pauses_logs_once_a_second_and_recove
     assert len(failures) <= 6, failures  # about one line a second, with a count
     assert any("repeated" in l for l in failures) or len(failures) <= 2, failures
     assert "Traceback" not in out
+
+
+def test_a_server_class_without_its_handler_fails_at_start_in_one_line():
+    import spoon.server
+
+    class NoHandler(spoon.server.TCPSpoon):
+        pass
+
+    class NotAHandler(spoon.server.TCPSpork):
+        handler_klass = dict
+
+    for klass, words in ((NoHandler, "has no handler"), (NotAHandler, "not a request handler")):
+        server = klass(("127.0.0.1", 0))
+        try:
+            with pytest.raises(TypeError, match=words) as info:
+                server.serve_forever()
+            assert "\n" not in str(info.value) and "Gulp" in str(info.value)
+        finally:
+            server.server_close()
+
+
+def test_an_out_of_range_port_is_one_clear_error():
+    import spoon.server
+
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1:70000: the port must be 0-65535"):
+        spoon.server.TCPSpoon(("127.0.0.1", 70000))
