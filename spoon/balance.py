@@ -39,11 +39,16 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from zope.interface import implementer
 
+from spoon import errorlog
+
 _log = logging.getLogger("spoon.balance")
 
 #: accept() errors that concern only the one connection being accepted.
 _SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+#: Pause of the accepts after an accept() failed for lack of resources (descriptors,
+#: memory); doubled while it lasts, up to RESOURCE_RETRY_MAX.
 RESOURCE_RETRY_DELAY = 0.1
+RESOURCE_RETRY_MAX = 1.0
 
 
 @implementer(IListeningPort, IReadDescriptor)
@@ -69,6 +74,10 @@ class OneByOnePort:
         self._listening = False
         self._accept_scheduled = False
         self._reading = False
+        self._retry_delay = RESOURCE_RETRY_DELAY
+        self._accept_errors = errorlog.RepeatLimiter(
+            reactor, self._report_accept_errors, interval=1.0
+        )
 
     # -- IListeningPort -----------------------------------------------------------------
 
@@ -172,13 +181,26 @@ class OneByOnePort:
 
     def _accept_now(self):
         try:
-            return self._accept_one()
+            accepted = self._accept_one()
         except OSError as e:
-            # Out of descriptors or memory: pause instead of spinning on a readable socket.
-            _log.error("accept() failed: %s; retrying in %ss", e, RESOURCE_RETRY_DELAY)
+            # Out of descriptors or memory: pause instead of spinning on a readable
+            # socket, longer while it lasts; one log line a second at most.
+            delay = self._retry_delay
+            self._retry_delay = min(RESOURCE_RETRY_MAX, delay * 2)
+            if self._accept_errors.admit(e.errno, e):
+                _log.error("accept() failed: %s; pausing accepts for %ss", e, delay)
             self._stop_reading()
-            self.reactor.callLater(RESOURCE_RETRY_DELAY, self._start_reading)
+            self.reactor.callLater(delay, self._start_reading)
             return False
+        self._retry_delay = RESOURCE_RETRY_DELAY
+        return accepted
+
+    def _report_accept_errors(self, count, interval, last):
+        _log.error(
+            "accept() failed: %s (repeated {:,} times in the last %gs)".format(count),
+            last,
+            interval,
+        )
 
     def _accept_one(self):
         """Accept one waiting connection and hand it to the factory; False if none waits."""
