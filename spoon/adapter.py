@@ -20,6 +20,8 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+
 __all__ = [
     "GulpFactory",
     "GulpProtocol",
@@ -617,6 +619,7 @@ class GreenWriter(_GreenFile):
             raise ValueError("flush of closed file")
 
 
+@implementer(IDrainable)
 class GulpFactory(Factory):
     """The protocol factory of a stream Spoon: usable on any Twisted stream endpoint."""
 
@@ -635,7 +638,7 @@ class GulpFactory(Factory):
         self.pool = None
         self.active_handlers = 0
         self.connections = set()
-        self._idle_callbacks = []
+        self._idle = IdleWaiters()
 
     def buildProtocol(self, addr):
         p = GulpProtocol()
@@ -649,17 +652,12 @@ class GulpFactory(Factory):
 
     def connection_ended(self, proto):
         self.connections.discard(proto)
-        if not self.connections and self._idle_callbacks:
-            callbacks, self._idle_callbacks = self._idle_callbacks, []
-            for cb in callbacks:
-                cb()
-
-    def when_idle(self, callback):
-        """Call ``callback()`` once no connection is open (at once if none is)."""
         if not self.connections:
-            callback()
-        else:
-            self._idle_callbacks.append(callback)
+            self._idle.fire()
+
+    def when_idle(self):
+        """A Deferred fired once no connection is open (at once if none is)."""
+        return self._idle.wait(not self.connections)
 
     def abort_all(self):
         """Close every open connection now (end of a graceful stop's grace period)."""
@@ -691,6 +689,7 @@ class _DatagramReply:
         return (host.host, host.port)
 
 
+@implementer(IDrainable)
 class GulpDatagramProtocol(DatagramProtocol):
     """The datagram protocol of a UDP Spoon: one handler run per datagram, in a greenlet so
     that it may ``wait()`` on Deferreds."""
@@ -727,8 +726,8 @@ class GulpDatagramProtocol(DatagramProtocol):
         finally:
             self.active_handlers -= 1
 
-    def when_idle(self, callback):
-        callback()
+    def when_idle(self):
+        return NothingToDrain().when_idle()
 
     def abort_all(self):
         pass
