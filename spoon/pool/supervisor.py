@@ -87,15 +87,17 @@ def _describe_status(status):
 class OSProcesses:
     """The process operations of a real supervisor (tests give a fake one)."""
 
-    def prepare(self, preload_modules):
+    def prepare(self, preload_modules, title):
         """Before the first fork: refuse if workers could not get a reactor of their own,
-        import what they share, and keep the cyclic collector off the shared objects."""
+        import what they share, keep the cyclic collector off the shared objects, and
+        take the supervisor's process title."""
         check_forkable()
         worker.preload(preload_modules)
         # Objects that exist now are shared with the workers copy-on-write; the cyclic
         # garbage collector would write to every one of them in each worker (and copy
         # their pages) when it scans them.  Freezing takes them out of its sight.
         gc.freeze()
+        set_title(title)
 
     def fork_worker(self, child):
         """Fork a worker that runs ``child(heartbeat_fd)`` (which never returns); return
@@ -378,7 +380,7 @@ class Supervisor:
             self._reactor_module = check_reactor_choice(self.reactor_name).moduleName
         if self._reactor_module:
             extra.append(self._reactor_module)
-        self.processes.prepare(extra)
+        self.processes.prepare(extra, supervisor_title(target.pool_name, sock))
         self.pid = self.processes.getpid()
         self._loop_thread = threading.get_ident()
         self._done.clear()
@@ -387,7 +389,6 @@ class Supervisor:
         target.pool_started(self)
         if self.install_signals:
             self._install_signals()
-        set_title(supervisor_title(target.pool_name, sock))
         self.log.info(
             "Supervisor %d: %d worker(s), graceful_timeout=%ss, worker_timeout=%ss",
             self.pid,
