@@ -252,6 +252,12 @@ def run_for(sup, seconds):
         assert sup.step(), "the pool stopped"
 
 
+def two_serving(sup):
+    """Run until both workers serve; their pids, oldest first."""
+    run_until(sup, serving(sup, 2))
+    return sup.processes_fake.live()
+
+
 def serving(sup, n):
     return lambda: sum(1 for w in sup.workers.values() if w.ready and not w.retiring) == n
 
@@ -266,8 +272,7 @@ def test_the_target_sees_the_pool_and_its_pids(pool):
 
 def test_a_dead_worker_is_replaced(pool):
     procs = pool.processes_fake
-    run_until(pool, serving(pool, 2))
-    victim = procs.live()[0]
+    victim = two_serving(pool)[0]
     pool.clock_fake.now += 5  # long after its start: not a crash at start-up
     procs.exit(victim, 1)
     run_until(pool, lambda: victim not in pool.pids and len(pool.pids) == 2)
@@ -295,8 +300,7 @@ def test_a_crash_loop_forks_at_most_one_worker_per_interval(pool):
 
 def test_a_silent_worker_is_asked_for_its_tracebacks_then_killed(pool):
     procs = pool.processes_fake
-    run_until(pool, serving(pool, 2))
-    stuck = procs.live()[0]
+    stuck = two_serving(pool)[0]
     procs.workers[stuck].beating = False
     went_silent = pool.clock_fake.now
     run_until(pool, lambda: stuck not in pool.pids)
@@ -314,8 +318,7 @@ def test_a_silent_worker_is_asked_for_its_tracebacks_then_killed(pool):
 
 def test_hup_reloads_then_replaces_each_worker_only_once_its_successor_serves(pool):
     procs = pool.processes_fake
-    run_until(pool, serving(pool, 2))
-    old = procs.live()
+    old = two_serving(pool)
     procs.hold_new_workers = True
     pool.request(signal.SIGHUP)
     run_until(pool, lambda: len(procs.forks) == 3)
@@ -342,18 +345,14 @@ def test_hup_reloads_then_replaces_each_worker_only_once_its_successor_serves(po
 
 def test_ttin_adds_a_worker_and_ttou_retires_the_oldest_but_never_the_last(pool):
     procs = pool.processes_fake
-    run_until(pool, serving(pool, 2))
-    oldest, younger = procs.live()
+    oldest, younger = two_serving(pool)
     pool.request(signal.SIGTTIN)
     run_until(pool, serving(pool, 3))
-    pool.request(signal.SIGTTOU)
-    run_until(pool, lambda: procs.signals_of(oldest) == [signal.SIGTERM])
-    procs.exit(oldest, 0)
-    run_until(pool, lambda: len(pool.pids) == 2)
-    pool.request(signal.SIGTTOU)
-    run_until(pool, lambda: procs.signals_of(younger) == [signal.SIGTERM])
-    procs.exit(younger, 0)
-    run_until(pool, lambda: len(pool.pids) == 1)
+    for retired, left in ((oldest, 2), (younger, 1)):
+        pool.request(signal.SIGTTOU)
+        run_until(pool, lambda: procs.signals_of(retired) == [signal.SIGTERM])
+        procs.exit(retired, 0)
+        run_until(pool, lambda: len(pool.pids) == left)
     pool.request(signal.SIGTTOU)  # ignored: one worker is the least
     run_for(pool, 5.0)
     assert pool.wanted == 1 and len(pool.pids) == 1
@@ -362,8 +361,7 @@ def test_ttin_adds_a_worker_and_ttou_retires_the_oldest_but_never_the_last(pool)
 
 def test_graceful_stop_signals_every_worker_and_kills_the_late_ones_after_the_grace(pool):
     procs = pool.processes_fake
-    run_until(pool, serving(pool, 2))
-    quick, slow = procs.live()
+    quick, slow = two_serving(pool)
     pool.request(signal.SIGTERM)
     run_until(pool, lambda: procs.signals_of(slow) == [signal.SIGTERM])
     stop_began = sent_at(procs, slow, signal.SIGTERM)
