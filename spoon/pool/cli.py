@@ -18,7 +18,7 @@ from spoon.pool.reactor import CannotFork, check_reactor_choice
 from spoon.pool.supervisor import Supervisor
 from spoon.targets import pool_target, resolve
 
-__all__ = ["main", "switch_user"]
+__all__ = ["main", "switch_user", "user_ids", "PRELOAD_BEFORE_SWITCH"]
 
 LOG_FORMAT = "%(asctime)s [%(process)d] %(name)s %(levelname)s: %(message)s"
 
@@ -69,7 +69,7 @@ PRELOAD_BEFORE_SWITCH = (
 )
 
 
-def _user_ids(uid, gid):
+def user_ids(uid, gid):
     """(uid, gid, user name) from names or numbers; gid defaults to the user's group."""
     import grp
     import pwd
@@ -150,7 +150,7 @@ def main(argv=None):
         # Everything the pool imports is imported now, while this process may still read
         # it: the target's module, the workers' modules, the reactor's.
         try:
-            uid, gid, name = _user_ids(args.uid, args.gid)
+            uid, gid, name = user_ids(args.uid, args.gid)
         except (KeyError, ValueError) as e:
             log.error("--uid %s --gid %s: no such user or group (%s)", args.uid, args.gid, e)
             return 2

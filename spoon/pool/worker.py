@@ -18,7 +18,15 @@ from spoon import linux
 from spoon.pool.proctitle import set_title, worker_title
 from spoon.pool.reactor import install_reactor_module, renew_inherited_reactor
 
-__all__ = ["Heartbeat", "run_worker", "preload", "flush_logs", "SUPERVISOR_SIGNALS", "DUMP_SIGNAL"]
+__all__ = [
+    "Heartbeat",
+    "run_worker",
+    "serve_shared",
+    "preload",
+    "flush_logs",
+    "SUPERVISOR_SIGNALS",
+    "DUMP_SIGNAL",
+]
 
 log = logging.getLogger("spoon.worker")
 
@@ -156,13 +164,22 @@ def run_worker(target, heartbeat_fd, master_pid, heartbeat_interval, number=1, r
         os._exit(code)
 
 
+def serve_shared(target, reactor):
+    """Have ``target`` serve in ``reactor`` on the socket shared with the other workers
+    (so with the one-by-one accept policy), and stop the reactor once serving has ended."""
+    from spoon.lifecycle import stop_reactor
+
+    served = target.serve(reactor, True)
+    served.addCallback(lambda _: stop_reactor(reactor))
+    return served
+
+
 def _install(handlers):
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
 
 
 def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module):
-    from spoon.lifecycle import stop_reactor
     from spoon.logs import bridge_twisted_to_stdlib
     from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -194,7 +211,7 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
         target.begin_stop(False)
 
     heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned)
-    target.serve(reactor, True).addCallback(lambda _: stop_reactor(reactor))
+    serve_shared(target, reactor)
     handlers = target.signal_handlers()
     _install(handlers)
     # The supervisor blocked its signals around fork(); now that the target serves and its
