@@ -147,12 +147,7 @@ def test_the_pool_uses_no_private_member_of_another_object():
     assert uses == []
 
 
-def test_the_private_member_check_sees_one():
-    source = "def f(server):\n    server._reload()\n    self._ok = 1\n"
-    path = os.path.join(ROOT, "tests", "_layout_probe.py")
-    try:
-        with open(path, "w") as f:
-            f.write(source)
-        assert private_uses(path) == ["_layout_probe.py:2 server._reload"]
-    finally:
-        os.unlink(path)
+def test_the_private_member_check_sees_one(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(server):\n    server._reload()\n    self._ok = 1\n")
+    assert private_uses(str(probe)) == ["probe.py:2 server._reload"]
