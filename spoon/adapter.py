@@ -22,6 +22,8 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+
 __all__ = [
     "GulpFactory",
     "GulpProtocol",
@@ -691,6 +693,7 @@ class GreenWriter(_GreenFile):
             raise ValueError("flush of closed file")
 
 
+@implementer(IDrainable)
 class GulpFactory(Factory):
     """The protocol factory of a stream Spoon: usable on any Twisted stream endpoint."""
 
@@ -709,11 +712,11 @@ class GulpFactory(Factory):
         self.pool = None
         self.active_handlers = 0
         self.connections = set()
-        self._idle_callbacks = []
+        self._idle = IdleWaiters()
         #: A graceful stop has begun: handlers between requests read EOF.
         self.stopping = False
 
-    def begin_stop(self):
+    def end_idle_sessions(self):
         """A graceful stop begins: end the sessions that are between requests now, and
         those that get there later when they do."""
         self.stopping = True
@@ -732,17 +735,12 @@ class GulpFactory(Factory):
 
     def connection_ended(self, proto):
         self.connections.discard(proto)
-        if not self.connections and self._idle_callbacks:
-            callbacks, self._idle_callbacks = self._idle_callbacks, []
-            for cb in callbacks:
-                cb()
-
-    def when_idle(self, callback):
-        """Call ``callback()`` once no connection is open (at once if none is)."""
         if not self.connections:
-            callback()
-        else:
-            self._idle_callbacks.append(callback)
+            self._idle.fire()
+
+    def when_idle(self):
+        """A Deferred fired once no connection is open (at once if none is)."""
+        return self._idle.wait(not self.connections)
 
     def abort_all(self):
         """Close every open connection now (end of a graceful stop's grace period)."""
@@ -781,6 +779,7 @@ def report_truncated(log, client_address, max_packet_size):
     )
 
 
+@implementer(IDrainable)
 class GulpDatagramProtocol(DatagramProtocol):
     """The datagram protocol of a UDP Spoon: one handler run per datagram, in a greenlet so
     that it may ``wait()`` on Deferreds.
@@ -816,11 +815,11 @@ class GulpDatagramProtocol(DatagramProtocol):
         finally:
             self.active_handlers -= 1
 
-    def begin_stop(self):
+    def end_idle_sessions(self):
         """Nothing to end: a datagram is one request."""
 
-    def when_idle(self, callback):
-        callback()
+    def when_idle(self):
+        return NothingToDrain().when_idle()
 
     def abort_all(self):
         pass

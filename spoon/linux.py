@@ -4,6 +4,7 @@
 - :func:`set_parent_death_signal`: the kernel signals a child when its parent dies, so a
   worker (or a supervisor started by twistd) never outlives the process that owns it, even
   when that process is killed with SIGKILL.
+- :func:`process_stat`: the fields of ``/proc/PID/stat`` (state, parent, CPU times...).
 - :func:`refuse_new_connections` / :func:`accept_new_connections`: a socket filter on a
   listening TCP socket that drops fresh SYNs.  A graceful stop of the whole pool attaches it
   first, so that the workers can drain the accept queue to empty before the last descriptor
@@ -61,6 +62,20 @@ def set_parent_death_signal(signum):
     except (OSError, AttributeError):
         return False
     return True
+
+
+def process_stat(pid):
+    """The fields of ``/proc/PID/stat`` after the command name, as strings: index 0 is the
+    state ("Z" for a zombie), 1 the parent pid, 11 and 12 the user and system CPU ticks.
+    The command name is skipped by its last ")", since it may contain spaces and
+    parentheses.  OSError when the process does not exist."""
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def process_ids():
+    """The pids of every process visible in /proc."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
 def refuse_new_connections(sock):

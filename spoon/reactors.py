@@ -6,15 +6,12 @@ the default one if none is), which is what handler code importing
 ``twisted.internet.reactor`` expects; a later run gets a fresh instance of the same class.
 """
 
-import sys
-
 _ran = set()
 
 
 def reactor_for_serving():
     """Return a reactor that has never run, preferring the installed global one."""
-    from twisted.internet import reactor
-
+    reactor = given_or_global(None)
     if id(reactor) not in _ran and not getattr(reactor, "running", False):
         return reactor
     if getattr(reactor, "running", False):
@@ -30,6 +27,9 @@ def mark_ran(reactor):
     _ran.add(id(reactor))
 
 
-def reactor_installed():
-    """True when some code has already installed (imported) the global reactor."""
-    return "twisted.internet.reactor" in sys.modules
+def given_or_global(reactor):
+    """``reactor`` if one is given, else the global reactor (installing the default one
+    if none is): for code that takes an optional reactor."""
+    if reactor is None:
+        from twisted.internet import reactor
+    return reactor

@@ -21,7 +21,11 @@ import sys
 import threading
 import time
 
-from spoon import adapter, balance, errorlog
+from twisted.internet import defer
+from zope.interface import implementer
+
+from spoon import adapter, balance, errorlog, lifecycle
+from spoon.pool.target import IPoolTarget
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -171,6 +175,7 @@ def check_handler_class(server_class):
         )
 
 
+@implementer(IPoolTarget)
 class _SpoonMixIn:
     """A server that consumes Gulps in a single process.
 
@@ -252,7 +257,6 @@ class _SpoonMixIn:
         self._stopped.set()
         self._shutdown_requested = False
         self._stopping = False
-        self._grace_call = None
         self._errors = None
         self.load_config()
         inherited = _inherited_sockets.pop() if _inherited_sockets else None
@@ -381,14 +385,13 @@ class _SpoonMixIn:
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
         self._factory = self.protocol_factory(reactor)
-        # One process: accept at once.  A pre-fork worker replaces this with the shared,
-        # one-by-one policy (spoon.worker).
+        # One process: accept at once; a pool worker serves with shared=True (one by one).
         self._port = balance.listen_one_by_one(
             self.socket,
             self._factory,
             reactor,
             balance.serve_gulp(self._factory, reactor),
-            shared=False,
+            shared=self._accept_shared,
         )
 
     # -- serving --------------------------------------------------------------------------
@@ -409,7 +412,7 @@ class _SpoonMixIn:
         self._stopped.clear()
         bridge_twisted_to_stdlib()
         try:
-            self._listen(reactor)
+            self.serve(reactor, shared=False).addCallback(lambda _: lifecycle.stop_reactor(reactor))
             reactor.callWhenRunning(self._started)
             mark_ran(reactor)
             reactor.run()
@@ -422,7 +425,6 @@ class _SpoonMixIn:
     def _started(self):
         # reactor.run() installed Twisted's own SIGINT/SIGTERM handlers: ours win.
         self._install_signal_handlers()
-        self._start_service_actions(self._reactor)
         if self._shutdown_requested:
             self._shutdown_requested = False
             self._begin_stop(graceful=True)
@@ -465,47 +467,7 @@ class _SpoonMixIn:
             self._stopped.wait()
 
     def _begin_stop(self, graceful):
-        reactor = self._reactor
-        if reactor is None:
-            return
-        if self._stopping and graceful:
-            return
-        self._stopping = True
-        self._stop_service_actions()
-        if self._port is not None:
-            port, self._port = self._port, None
-            port.stopListening()
-        factory = self._factory
-        if not graceful or factory is None:
-            self._end_stop(abort=True)
-            return
-        begin_stop = getattr(factory, "begin_stop", None)
-        if begin_stop is not None:
-            begin_stop()
-        if factory.connections:
-            self.log.info(
-                "Graceful stop: waiting for %d connection(s), at most %ss",
-                len(factory.connections),
-                self.graceful_timeout,
-            )
-        self._grace_call = reactor.callLater(self.graceful_timeout, self._end_stop, True)
-        factory.when_idle(self._end_stop)
-
-    def _end_stop(self, abort=False):
-        call, self._grace_call = self._grace_call, None
-        if call is not None and call.active():
-            call.cancel()
-        factory = self._factory
-        if abort and factory is not None and factory.connections:
-            self.log.warning(
-                "Closing %d connection(s) still open at the end of the stop",
-                len(factory.connections),
-            )
-            factory.abort_all()
-        reactor = self._reactor
-        if reactor is not None and reactor.running:
-            # Let the aborts reach the sockets before the loop ends.
-            reactor.callLater(0, reactor.stop)
+        self.begin_stop(graceful)
 
     # -- signals and configuration --------------------------------------------------------
 
@@ -601,6 +563,86 @@ class _SpoonMixIn:
         can check it between requests and end the session politely."""
         return self._stopping
 
+    # == BEGIN the pool's target interface (spoon.pool.target.IPoolTarget) ================
+    # The public methods through which spoon.pool (and the single-process serve_forever)
+    # drives this server; spoon.pool reads nothing else of it.
+
+    #: Seconds without a heartbeat before a pool kills a worker (None: the pool's default).
+    worker_timeout = None
+    _accept_shared = False
+    _serving = None
+
+    @property
+    def pool_name(self):
+        klass = type(self)
+        return "%s.%s" % (klass.__module__, klass.__qualname__)
+
+    @property
+    def pool_workers(self):
+        return getattr(self, "prefork", None) or 1
+
+    def reload(self):
+        """``load_config()``; a failure is logged and the previous configuration kept."""
+        self._reload()
+
+    def serve(self, reactor, shared=False):
+        """Listen on the bound socket in ``reactor``; ``shared``: take connections one by
+        one (other processes accept on the same socket).  The Deferred fires once a stop
+        (:meth:`begin_stop`) has drained."""
+        self._reactor = reactor
+        self._stopping = False
+        self._accept_shared = shared
+        self._serving = lifecycle.ServingRun(reactor)
+        self._listen(reactor)
+        self._start_service_actions(reactor)
+        return self._serving.served
+
+    def begin_stop(self, graceful=True):
+        """Stop accepting and drain (see :class:`spoon.lifecycle.GracefulStop`); the
+        Deferred fires once drained.  In the reactor thread."""
+        if self._reactor is None or self._serving is None:
+            return defer.succeed(None)
+        self._stopping = True
+        self._stop_service_actions()
+        port, self._port = self._port, None
+        factory = self._factory
+        return self._serving.begin_stop(
+            graceful,
+            [port] if port is not None else [],
+            [factory] if factory is not None else [],
+            self.graceful_timeout,
+            self.log,
+        )
+
+    def signal_handlers(self):
+        """The handlers a pool worker installs: this class's reload and shutdown handlers
+        (a graceful stop on SIGTERM too, even for a class without ``signal_shutdown``),
+        an immediate stop on SIGINT and SIGQUIT."""
+        handlers = {
+            signal.SIGTERM: self.shutdown_handler,
+            signal.SIGINT: self.interrupt_handler,
+            signal.SIGQUIT: self.interrupt_handler,
+        }
+        if self.signal_shutdown is not None:
+            handlers[self.signal_shutdown] = self.shutdown_handler
+        if self.signal_reload is not None:
+            handlers[self.signal_reload] = self.reload_handler
+        return handlers
+
+    def pool_started(self, pool):
+        self._supervisor = pool
+        self.pids = pool.pids
+
+    def pool_stopped(self):
+        self._supervisor = None
+        self.pids = []
+
+    def became_worker(self, number):
+        self._supervisor = None
+        self.pids = None
+
+    # == END the pool's target interface ==================================================
+
 
 class _DatagramMixIn:
     """Socket type and Twisted listening for datagram servers.
@@ -662,7 +704,10 @@ class _SporkMixIn(_SpoonMixIn):
             return _SpoonMixIn.serve_forever(self, poll_interval)
         # Each worker's service_actions() runs at this interval too.
         self._poll_interval = poll_interval
-        from spoon.prefork import Supervisor
+        if self._shutdown_requested:  # shutdown() came first
+            self._shutdown_requested = False
+            return
+        from spoon.pool.supervisor import Supervisor
 
         Supervisor(self).run()
 

@@ -35,8 +35,12 @@ from spoon.endpoints import (
     parse_socket_endpoint,
     socket_options,
 )
+from spoon.lifecycle import GracefulStop
+from spoon.linux import process_ids, process_stat
+from spoon.reactors import given_or_global
 from spoon.targets import (
     TargetError,
+    check_endpoint_kind,
     is_datagram_server_class,
     is_server_class,
     resolve,
@@ -46,12 +50,6 @@ __all__ = ["PreforkService", "ServeService"]
 
 #: Descriptor number under which the supervisor receives the listening socket.
 CHILD_SOCKET_FD = 3
-
-
-def _global_reactor(reactor):
-    if reactor is None:
-        from twisted.internet import reactor
-    return reactor
 
 
 def _import_root(path):
@@ -178,15 +176,12 @@ class _SupervisorProtocol(ProcessProtocol):
 def _descendants(pid):
     """Every live process below ``pid`` (read from /proc), for the last-resort kill."""
     parents = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in process_ids():
         try:
-            with open("/proc/%s/stat" % entry) as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            ppid = int(process_stat(child)[1])
         except (OSError, IndexError, ValueError):
             continue
-        parents.setdefault(ppid, []).append(int(entry))
+        parents.setdefault(ppid, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), ()):
@@ -296,16 +291,12 @@ class PreforkService(service.Service):
         else:
             host, port = endpoint[0], int(endpoint[1])
             spec = SocketSpec("udp" if datagram_class else "tcp", host, port)
-        if is_server_class(self.target_object) and spec.datagram != datagram_class:
-            raise ValueError(
-                "%s is a %s server but the endpoint is %s"
-                % (self.target, "UDP" if datagram_class else "TCP", spec.kind.upper())
-            )
+        check_endpoint_kind(self.target_object, spec.datagram, endpoint)
         return spec
 
     @property
     def reactor(self):
-        self._reactor = _global_reactor(self._reactor)
+        self._reactor = given_or_global(self._reactor)
         return self._reactor
 
     @property
@@ -539,6 +530,20 @@ class PreforkService(service.Service):
 # -- serving in this reactor ----------------------------------------------------------------
 
 
+class _StdlibStyle:
+    """A Twisted ``Logger`` seen as the stdlib-style logger :class:`GracefulStop` writes
+    to (``info``/``warning`` with %-arguments)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def info(self, message, *args):
+        self.log.info("{message}", message=message % args)
+
+    def warning(self, message, *args):
+        self.log.warn("{message}", message=message % args)
+
+
 class ServeService(service.Service):
     """Serve a spoon ``server`` in this process's reactor on ``endpoints`` (Twisted endpoint
     strings: "tcp:", "tcp6:" and "udp:" are bound like the server class would bind them;
@@ -561,14 +566,11 @@ class ServeService(service.Service):
         self._listening = False
         for description in self.endpoints:
             spec = parse_socket_endpoint(description)
-            if self.datagram and (spec is None or not spec.datagram):
-                raise ValueError("%s is a UDP server: %r is not a udp: endpoint" % (type(server).__name__, description))
-            if not self.datagram and spec is not None and spec.datagram:
-                raise ValueError("%s is a TCP server: %r is a udp: endpoint" % (type(server).__name__, description))
+            check_endpoint_kind(type(server), spec is not None and spec.datagram, description)
 
     @property
     def reactor(self):
-        self._reactor = _global_reactor(self._reactor)
+        self._reactor = given_or_global(self._reactor)
         return self._reactor
 
     def privilegedStartService(self):
@@ -653,47 +655,21 @@ class ServeService(service.Service):
 
     def _stop_listening(self):
         ports, self.ports = self.ports, []
-        return defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
-        )
+        for port in ports:
+            port.stopListening()
 
     def stopService(self):
-        """Graceful stop: the Deferred fires when no handler is left running."""
+        """Graceful stop (:class:`spoon.lifecycle.GracefulStop`): the Deferred fires when
+        no handler is left running."""
         service.Service.stopService(self)
         self._listening = False
-        stopped = self._stop_listening()
+        ports, self.ports = self.ports, []
         grace = self.graceful_timeout
         if grace is None:
             grace = getattr(self.server, "graceful_timeout", 30)
-        trackers = [t for t in [self.factory] + self.protocols if t is not None]
-        done = defer.Deferred()
-        remaining = [len(trackers)]
-
-        def one_idle():
-            remaining[0] -= 1
-            if remaining[0] == 0 and not done.called:
-                if timer.active():
-                    timer.cancel()
-                done.callback(None)
-
-        def too_late():
-            open_now = sum(len(getattr(t, "connections", ())) for t in trackers)
-            self.log.warn("graceful stop: closing {n} connection(s) still open after {grace}s", n=open_now, grace=grace)
-            for tracker in trackers:
-                tracker.abort_all()
-            # Let the aborts reach the sockets before reporting the service stopped.
-            self.reactor.callLater(0, lambda: done.called or done.callback(None))
-
-        timer = self.reactor.callLater(float(grace), too_late)
-        open_now = sum(len(getattr(t, "connections", ())) for t in trackers)
-        if open_now:
-            self.log.info("graceful stop: waiting for {n} connection(s), at most {grace}s", n=open_now, grace=grace)
-        if not trackers:
-            remaining[0] = 1
-            one_idle()
-        for tracker in trackers:
-            tracker.when_idle(one_idle)
-        return defer.gatherResults([stopped, done], consumeErrors=True).addCallback(lambda _: None)
+        drainables = [t for t in [self.factory] + self.protocols if t is not None]
+        stop = GracefulStop(self.reactor, ports, drainables, grace, _StdlibStyle(self.log))
+        return stop.start(graceful=True).when_done()
 
     def reload(self):
         """Run the server's reload handler (``load_config()``) in the reactor thread."""

@@ -17,13 +17,14 @@ __all__ = [
     "is_server_class",
     "is_datagram_server_class",
     "is_spork",
+    "check_endpoint_kind",
     "build_server",
+    "pool_target",
 ]
 
 
 class TargetError(ValueError):
     """A dotted path that cannot be imported, or does not name what it should."""
-
 
 
 
@@ -57,21 +58,45 @@ def resolve(path):
 
 
 
-
-def is_server_class(obj):
+def _is_subclass(obj, *names):
+    """Whether ``obj`` is a subclass of one of the :mod:`spoon.server` classes ``names``:
+    the one test of "is this a spoon server class" (imported late: the server module
+    imports the pool, never the reverse)."""
     from spoon import server
 
-    return isinstance(obj, type) and issubclass(
-        obj, (server.TCPSpoon, server.UDPSpoon, server.TCPSpork, server.UDPSpork)
-    )
+    return isinstance(obj, type) and issubclass(obj, tuple(getattr(server, n) for n in names))
+
+
+def is_server_class(obj):
+    """True for spoon server classes (TCPSpoon, UDPSpoon, TCPSpork, UDPSpork, subclasses)."""
+    return _is_subclass(obj, "TCPSpoon", "UDPSpoon", "TCPSpork", "UDPSpork")
 
 
 def is_datagram_server_class(obj):
-    from spoon import server
-
-    return is_server_class(obj) and issubclass(obj, (server.UDPSpoon, server.UDPSpork))
+    return _is_subclass(obj, "UDPSpoon", "UDPSpork")
 
 
+def is_spork(klass):
+    """True for pre-forking server classes (TCPSpork/UDPSpork and their subclasses)."""
+    return _is_subclass(klass, "TCPSpork", "UDPSpork")
+
+
+def check_endpoint_kind(klass, datagram, description):
+    """ValueError unless a UDP server class gets a datagram endpoint and a TCP one a stream
+    endpoint (``datagram``: whether ``description`` names a datagram socket)."""
+    if not is_server_class(klass):
+        return
+    wants_datagram = is_datagram_server_class(klass)
+    if datagram != wants_datagram:
+        raise ValueError(
+            "%s is a %s server but the endpoint is %s (%s)"
+            % (
+                klass.__name__,
+                "UDP" if wants_datagram else "TCP",
+                "UDP" if datagram else "TCP",
+                description,
+            )
+        )
 
 
 def _accepts_bind_and_activate(klass):
@@ -87,16 +112,23 @@ def _accepts_bind_and_activate(klass):
 _HANDLED_BY_SERVERS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
+def _construct_around(klass, sock, address):
+    """``klass(address)`` adopting ``sock`` instead of binding (whatever its ``__init__``
+    looks like): see :func:`spoon.server.using_socket`."""
+    from spoon.server import using_socket
+
+    with using_socket(sock):
+        return klass(address)
+
+
 def build_server(klass, address):
     """Construct ``klass`` without binding its address and without letting it take over
     signal handlers: the service listens for it, and the host program (twistd) owns the
     signals.
 
     ``Klass(address, bind_and_activate=False)`` when the constructor accepts it; otherwise
-    the server adopts a placeholder socket through :func:`spoon.server.using_socket`.
+    the server adopts a placeholder socket.
     """
-    from spoon.server import using_socket
-
     saved = {signum: signal.getsignal(signum) for signum in _HANDLED_BY_SERVERS}
     try:
         if _accepts_bind_and_activate(klass):
@@ -105,8 +137,7 @@ def build_server(klass, address):
         socktype = socket.SOCK_DGRAM if is_datagram_server_class(klass) else socket.SOCK_STREAM
         placeholder = socket.socket(family, socktype)
         try:
-            with using_socket(placeholder):
-                server = klass(address)
+            server = _construct_around(klass, placeholder, address)
         finally:
             placeholder.close()
         server.socket = None
@@ -115,6 +146,31 @@ def build_server(klass, address):
         for signum, handler in saved.items():
             if handler is not None and signal.getsignal(signum) is not handler:
                 signal.signal(signum, handler)
+
+
+def _type_name(sock_type):
+    return {socket.SOCK_STREAM: "stream (TCP)", socket.SOCK_DGRAM: "datagram (UDP)"}.get(
+        sock_type, str(sock_type)
+    )
+
+
+def pool_target(sock, obj, name=None):
+    """The :class:`spoon.pool.target.IPoolTarget` serving ``obj`` on ``sock`` (bound,
+    listening for streams): a spoon server class built around the socket, or a callable
+    returning a Twisted factory (a ``DatagramProtocol`` for a datagram socket), wrapped in
+    :class:`spoon.pool.factory.FactoryTarget`.  ``name``: the dotted path, for titles."""
+    if is_server_class(obj):
+        if obj.socket_type != sock.type:
+            raise ValueError(
+                "%s serves %s sockets but descriptor %d is a %s socket"
+                % (obj.__name__, _type_name(obj.socket_type), sock.fileno(), _type_name(sock.type))
+            )
+        return _construct_around(obj, sock, sock.getsockname())
+    if not callable(obj):
+        raise ValueError("%r is neither a spoon server class nor a callable" % (obj,))
+    from spoon.pool.factory import FactoryTarget
+
+    return FactoryTarget(sock, obj, name)
 
 
 def server_class(path):
@@ -127,10 +183,3 @@ def server_class(path):
             "TCPSpork or UDPSpork)" % path
         )
     return klass
-
-
-def is_spork(klass):
-    """True for pre-forking server classes (TCPSpork/UDPSpork and their subclasses)."""
-    from spoon.server import TCPSpork, UDPSpork
-
-    return issubclass(klass, (TCPSpork, UDPSpork))

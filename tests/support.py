@@ -16,6 +16,8 @@ import uuid
 
 import pytest
 
+from spoon.linux import process_ids, process_stat
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -38,8 +40,7 @@ def wait_for(condition, timeout=10.0, interval=0.01, what=None):
 def pid_alive(pid):
     """True while ``pid`` exists and is not a zombie."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+        state = process_stat(pid)[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state != "Z"
@@ -48,16 +49,13 @@ def pid_alive(pid):
 def children_of(pid):
     """Pids whose parent is ``pid`` (from /proc)."""
     kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for candidate in process_ids():
         try:
-            with open("/proc/%s/stat" % entry) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = process_stat(candidate)
         except OSError:
             continue
         if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(entry))
+            kids.append(candidate)
     return kids
 
 
@@ -81,8 +79,7 @@ def pss_kib(pid):
 
 def cpu_seconds(pid):
     """User + system CPU time of ``pid`` in seconds (from /proc/PID/stat)."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = process_stat(pid)
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
 
@@ -513,3 +510,9 @@ def sleeper():
     if proc.poll() is None:
         proc.kill()
     proc.wait(timeout=10)
+
+
+def process_title(pid):
+    """The command line of ``pid`` as ``ps`` shows it (what a process title replaces)."""
+    with open("/proc/%d/cmdline" % pid, "rb") as f:
+        return b" ".join(part for part in f.read().split(b"\0") if part).decode("utf8", "replace")

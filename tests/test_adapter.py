@@ -586,7 +586,7 @@ def test_graceful_stop_gives_eof_to_a_handler_waiting_between_requests():
     idle.feed(b"a\n")
     mid_line = Conn(Session, factory=factory, server=server)
     mid_line.feed(b"par")
-    factory.begin_stop()
+    factory.end_idle_sessions()
     assert idle.out() == b"ok a\nbye stopping=0\n" and idle.closed
     # A request under way is not cut: it is answered, then the session ends.
     assert mid_line.out() == b"" and not mid_line.closed
@@ -599,7 +599,7 @@ def test_graceful_stop_closes_a_connection_whose_handler_has_not_started():
     server = RecordingServer(Session)
     factory = GulpFactory(server, MemoryReactorClock(), lazy_start=True)
     quiet = Conn(Session, factory=factory, server=server)
-    factory.begin_stop()
+    factory.end_idle_sessions()
     assert quiet.closed and quiet.out() == b""
 
 
@@ -613,7 +613,7 @@ def test_a_body_read_is_not_between_requests():
     factory = GulpFactory(server, MemoryReactorClock())
     c = Conn(Body, factory=factory, server=server)
     c.feed(b"6\n")
-    factory.begin_stop()
+    factory.end_idle_sessions()
     assert not c.closed
     c.feed(b"abcdef")
     assert c.out() == b"got 6" and c.closed

@@ -431,7 +431,8 @@ def test_twistd_reactor_option_reaches_the_workers(twistd):
 
     wait_for(every_worker_said, 30, interval=0, what="the reactor of each worker (seen %s)" % seen)
     assert set(seen.values()) == {"PollReactor"}, seen
-    assert "--reactor poll" in " ".join(open("/proc/%d/cmdline" % children_of(run.pid)[0]).read().split("\0"))
+    # The supervisor shows its process title (spoon.pool.proctitle), not its arguments.
+    assert open("/proc/%d/cmdline" % children_of(run.pid)[0]).read().startswith("spoon: supervisor ")
     run.signal(signal.SIGTERM)
     run.wait_gone()
 
@@ -460,12 +461,12 @@ def test_privileged_port_and_privilege_drop(twistd):
     for pid in run.processes():
         assert _status_uid(pid) == [nobody] * 4, pid
     assert ask(port)[2] == nobody
-    # The supervisor is "python -m spoon.prefork ... --uid 65534 --gid 65534", executed
-    # while twistd was root; it switched user itself.
+    # The supervisor ("python -m spoon.prefork ... --uid 65534 --gid 65534", executed while
+    # twistd was root, now titled) switched user itself.
     supervisor = children_of(run.pid)[0]
     with open("/proc/%d/cmdline" % supervisor) as f:
-        argv = f.read().split("\0")
-    assert argv[1:3] == ["-m", "spoon.prefork"] and "--uid" in argv, argv
+        assert f.read().startswith("spoon: supervisor test_service_apps.GenerationSpork [tcp:%d" % port)
+    assert "Supervisor runs as uid 65534 gid 65534" in run.log()
     run.signal(signal.SIGTERM)
     run.wait_gone()
 

@@ -1,22 +1,29 @@
-"""Any Twisted factory, pre-forked: a server-like object around a plain
-``IProtocolFactory`` (e.g. a ``twisted.web.server.Site``) or ``DatagramProtocol``, so that
-the supervisor and workers of :mod:`spoon.prefork` serve it as they serve a Spoon.
+"""Any Twisted factory as a pool target: a plain ``IProtocolFactory`` (a
+``twisted.web.server.Site``, say) or ``DatagramProtocol`` served by the same supervisor and
+workers as a Spoon, through :class:`spoon.pool.target.IPoolTarget`.
 
-What a worker's graceful stop needs from its factory (``connections``, ``when_idle``,
-``abort_all``) comes from a ``WrappingFactory`` that tracks the connections.  Its wrapper
-passes half-close through: Twisted's transport asks its own protocol (the wrapper) whether it
-provides ``IHalfCloseableProtocol``, so a wrapper that did not would turn a client's
-``shutdown(SHUT_WR)`` into a full close of a protocol that wants ``readConnectionLost``.  For a Site it
-also counts the requests in progress on each connection, so that a stop can close the
-persistent connections that sit between requests instead of waiting for the browser.
+The target holds the socket and a callable that makes the factory (called in each worker,
+once its reactor is installed: a Site built in the supervisor would install a reactor
+there).  What a graceful stop needs from the factory (:class:`spoon.lifecycle.IDrainable`)
+comes from a ``WrappingFactory`` that tracks the connections.  Its wrapper passes half-close
+through: Twisted's transport asks its own protocol (the wrapper) whether it provides
+``IHalfCloseableProtocol``, so a wrapper that did not would turn a client's
+``shutdown(SHUT_WR)`` into a full close of a protocol that wants ``readConnectionLost``.  For
+a Site it also counts the requests in progress on each connection, so that a stop can close
+the persistent connections that sit between requests instead of waiting for the browser.
 """
 
+import logging
+import signal
 import socket
 
-from spoon.balance import listen_one_by_one
-from spoon.server import _SpoonMixIn, using_socket
+from twisted.internet import defer
+from zope.interface import implementer
 
-__all__ = ["FactoryServer", "DatagramFactoryServer"]
+from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain, ServingRun
+from spoon.pool.target import IPoolTarget
+
+__all__ = ["FactoryTarget", "tracking_factory"]
 
 
 #: While a pool of a plain HTTP factory (a twisted.web Site) drains, persistent
@@ -27,15 +34,11 @@ IDLE_CLOSE_INTERVAL = 0.2
 IDLE_CLOSE_AFTER = 0.5
 
 
-def _tracking_factory(wrapped, reactor=None):
+def tracking_factory(wrapped, reactor):
     """Wrap a plain Twisted factory so that a graceful stop can wait for its connections
-    (the interface the server's stop uses: ``connections``, ``when_idle``, ``abort_all``)."""
+    (:class:`spoon.lifecycle.IDrainable`)."""
     from twisted.internet.interfaces import IHalfCloseableProtocol
     from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-    from zope.interface import implementer
-
-    if reactor is None:
-        from twisted.internet import reactor
 
     class ActivityWrapper(ProtocolWrapper):
         """Remembers when the connection last carried bytes, whether it ever answered, and
@@ -78,13 +81,14 @@ def _tracking_factory(wrapped, reactor=None):
 
     counts_requests = _count_http_requests(wrapped)
 
+    @implementer(IDrainable)
     class TrackingFactory(WrappingFactory):
         noisy = False
         protocol = ActivityWrapper
 
         def __init__(self, wrapped):
             WrappingFactory.__init__(self, wrapped)
-            self._idle_callbacks = []
+            self._idle = IdleWaiters()
             self._closer = None
 
         def buildProtocol(self, addr):
@@ -101,26 +105,22 @@ def _tracking_factory(wrapped, reactor=None):
 
         def unregisterProtocol(self, p):
             WrappingFactory.unregisterProtocol(self, p)
-            if not self.protocols and self._idle_callbacks:
+            if not self.protocols and self._idle.pending:
                 if self._closer is not None and self._closer.running:
                     self._closer.stop()
-                callbacks, self._idle_callbacks = self._idle_callbacks, []
-                for cb in callbacks:
-                    cb()
+                self._idle.fire()
 
-        def when_idle(self, callback):
-            """Called once the stop has begun: also close persistent HTTP connections as
-            soon as they are between requests."""
-            if not self.protocols:
-                callback()
-                return
-            self._idle_callbacks.append(callback)
-            if self._closer is None:
+        def end_idle_sessions(self):
+            """Close persistent HTTP connections as soon as they are between requests."""
+            if self.protocols and self._closer is None:
                 from twisted.internet.task import LoopingCall
 
                 self._closer = LoopingCall(self._close_idle)
                 self._closer.clock = reactor
                 self._closer.start(IDLE_CLOSE_INTERVAL, now=True)
+
+        def when_idle(self):
+            return self._idle.wait(not self.protocols)
 
         def _close_idle(self):
             if not counts_requests:
@@ -166,53 +166,85 @@ def _count_http_requests(factory):
     return True
 
 
-class _DatagramStop:
-    """What a graceful stop needs from a plain datagram protocol: nothing to wait for."""
+@implementer(IPoolTarget)
+class FactoryTarget:
+    """A pool target made of ``sock`` (bound; listening for streams) and ``make_factory``,
+    a callable returning a Twisted ``IProtocolFactory``, or a ``DatagramProtocol`` when
+    ``sock`` is a datagram socket.  ``name``: what process titles call it."""
 
-    connections = ()
+    pool_workers = 4
+    graceful_timeout = 30
+    worker_timeout = None
+    signal_shutdown = signal.SIGTERM
+    signal_reload = signal.SIGUSR1
 
-    def __init__(self, protocol):
-        self.protocol = protocol
-
-    def when_idle(self, callback):
-        callback()
-
-    def abort_all(self):
-        pass
-
-
-class FactoryServer(_SpoonMixIn):
-    """A pool target made from a callable returning a plain Twisted ``IProtocolFactory``
-    (e.g. a ``twisted.web.server.Site``), so that the same supervisor and workers serve it.
-
-    ``make_factory()`` runs in each worker, once its reactor is installed (a Site built in
-    the supervisor would import and install the reactor there).  ``sock`` is the bound,
-    listening socket.
-    """
-
-    prefork = 4
-
-    def __init__(self, sock, make_factory):
+    def __init__(self, sock, make_factory, name=None):
+        # Non-blocking for every process sharing it (a flag of the open file): a worker's
+        # read loop stops at "nothing more" instead of blocking.
+        sock.setblocking(False)
+        self.socket = sock
         self.make_factory = make_factory
-        with using_socket(sock):
-            _SpoonMixIn.__init__(self, sock.getsockname())
+        self.pool_name = name or getattr(make_factory, "__qualname__", repr(make_factory))
+        self.log = logging.getLogger("spoon-server")
+        self.pids = None
+        self._reactor = None
+        self._port = None
+        self._drainable = None
+        self._serving = None
 
-    def protocol_factory(self, reactor=None):
-        return _tracking_factory(self.make_factory(), reactor)
+    @property
+    def datagram(self):
+        return self.socket.type == socket.SOCK_DGRAM
 
-    def _listen(self, reactor):
-        self._factory = self.protocol_factory(reactor)
-        self._port = listen_one_by_one(self.socket, self._factory, reactor)
+    def reload(self):
+        """A plain factory has no configuration to reload."""
 
+    def serve(self, reactor, shared):
+        from spoon.balance import listen_one_by_one
 
-class DatagramFactoryServer(FactoryServer):
-    """The same for a callable returning a ``DatagramProtocol``."""
+        self._reactor = reactor
+        self._serving = ServingRun(reactor)
+        if self.datagram:
+            self._drainable = NothingToDrain()
+            self._port = reactor.adoptDatagramPort(self.socket.fileno(), self.socket.family, self.make_factory())
+        else:
+            self._drainable = tracking_factory(self.make_factory(), reactor)
+            self._port = listen_one_by_one(self.socket, self._drainable, reactor, shared=shared)
+        return self._serving.served
 
-    socket_type = socket.SOCK_DGRAM
-
-    def _listen(self, reactor):
-        protocol = self.make_factory()
-        self._factory = _DatagramStop(protocol)
-        self._port = reactor.adoptDatagramPort(
-            self.socket.fileno(), self.address_family, protocol
+    def begin_stop(self, graceful=True):
+        if self._serving is None:
+            return defer.succeed(None)
+        port, self._port = self._port, None
+        return self._serving.begin_stop(
+            graceful, [port] if port is not None else [], [self._drainable], self.graceful_timeout, self.log
         )
+
+    def _stop_from_signal(self, graceful):
+        reactor = self._reactor
+        if reactor is not None:
+            reactor.callFromThread(self.begin_stop, graceful)
+
+    def signal_handlers(self):
+        def graceful(signum, frame):
+            self._stop_from_signal(True)
+
+        def fast(signum, frame):
+            self._stop_from_signal(False)
+
+        return {
+            signal.SIGTERM: graceful,
+            self.signal_shutdown: graceful,
+            signal.SIGINT: fast,
+            signal.SIGQUIT: fast,
+            self.signal_reload: lambda signum, frame: None,
+        }
+
+    def pool_started(self, pool):
+        self.pids = pool.pids
+
+    def pool_stopped(self):
+        self.pids = []
+
+    def became_worker(self, number):
+        self.pids = None

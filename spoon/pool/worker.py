@@ -1,0 +1,226 @@
+"""A forked worker's life: a fresh reactor serving the inherited socket, a heartbeat to the
+supervisor, and death with the supervisor.
+
+The worker knows its target only through :class:`spoon.pool.target.IPoolTarget`: it asks it
+to serve with ``shared=True`` (the socket is shared with the other workers, so connections
+are taken one by one), installs the signal handlers the target declares, and stops the
+reactor when the target's serving has ended.
+"""
+
+import faulthandler
+import importlib
+import logging
+import os
+import signal
+import sys
+
+from spoon import linux
+from spoon.pool.proctitle import set_title, worker_title
+from spoon.pool.reactor import install_reactor_module, renew_inherited_reactor
+
+__all__ = [
+    "Heartbeat",
+    "run_worker",
+    "serve_shared",
+    "preload",
+    "flush_logs",
+    "SUPERVISOR_SIGNALS",
+    "DUMP_SIGNAL",
+]
+
+log = logging.getLogger("spoon.worker")
+
+#: Signals the supervisor handles itself; blocked around fork, reset in a worker.
+SUPERVISOR_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+
+#: Sent by the supervisor to a worker whose heartbeat is late, just after logging which
+#: worker it is: faulthandler writes every thread's traceback to stderr from the C signal
+#: handler (so even a worker stuck in a CPU loop or a blocking call answers).  A real-time
+#: signal, which no server class uses for reload or shutdown.
+DUMP_SIGNAL = signal.SIGRTMIN + 1
+
+#: Modules every worker needs; imported once in the supervisor so that the workers share
+#: them copy-on-write.  None of them installs a reactor.
+PRELOAD = (
+    "twisted.internet.default",
+    "twisted.internet.epollreactor",
+    "twisted.internet.posixbase",
+    "twisted.internet.tcp",
+    "twisted.internet.udp",
+    "twisted.internet.task",
+    "twisted.internet.defer",
+    "twisted.logger",
+    "spoon.balance",
+    "spoon.reactors",
+    "spoon.logs",
+)
+
+
+def preload(extra=()):
+    """Import :data:`PRELOAD` and ``extra`` (those that exist), before forking."""
+    for name in PRELOAD + tuple(extra):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def flush_logs(logger=None):
+    """Flush the handlers ``logger`` (default: the root logger) writes through, and the
+    standard streams: before a worker exits, and before a stuck worker's tracebacks go
+    straight to the shared stderr after the line announcing them."""
+    current = logger or logging.getLogger()
+    while current is not None:
+        for handler in getattr(current, "handlers", ()):
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        if not getattr(current, "propagate", False):
+            break
+        current = current.parent
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+class Heartbeat:
+    """Written from the worker's reactor every ``interval`` seconds to the supervisor's
+    pipe: the first beat says "ready" (listening, reactor running); when beats stop, the
+    supervisor knows the reactor is stuck.  Also the worker's watch on its supervisor: if
+    the pipe is broken or the parent changed, the master is gone and the worker stops."""
+
+    READY = b"R"
+    BEAT = b"."
+
+    def __init__(self, fd, interval, master_pid, on_orphaned):
+        self.fd = fd
+        self.interval = interval
+        self.master_pid = master_pid
+        self.on_orphaned = on_orphaned
+        self._loop = None
+        self._first = True
+        self._orphaned = False
+
+    def start(self, reactor):
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = reactor
+        self._loop.start(self.interval, now=True)
+
+    def stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def beat(self):
+        if os.getppid() != self.master_pid:
+            self._orphan("parent %d is gone" % self.master_pid)
+            return
+        try:
+            os.write(self.fd, self.READY if self._first else self.BEAT)
+            self._first = False
+        except BlockingIOError:
+            pass  # the supervisor is behind on reading; it is alive
+        except OSError:
+            self._orphan("heartbeat pipe closed")
+
+    def _orphan(self, why):
+        if self._orphaned:
+            return
+        self._orphaned = True
+        self.stop()
+        self.on_orphaned(why)
+
+
+def run_worker(target, heartbeat_fd, master_pid, heartbeat_interval, number=1, reactor_module=None):
+    """Body of a forked worker: serve ``target`` (an ``IPoolTarget`` whose socket was
+    inherited) until stopped, then exit the process.  ``reactor_module``: module of the
+    reactor to install (default: Twisted's default).  Never returns."""
+    code = 1
+    try:
+        code = _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        try:
+            log.exception("Worker %d failed", os.getpid())
+        except BaseException:
+            pass
+    finally:
+        flush_logs()
+        os._exit(code)
+
+
+def serve_shared(target, reactor):
+    """Have ``target`` serve in ``reactor`` on the socket shared with the other workers
+    (so with the one-by-one accept policy), and stop the reactor once serving has ended."""
+    from spoon.lifecycle import stop_reactor
+
+    served = target.serve(reactor, True)
+    served.addCallback(lambda _: stop_reactor(reactor))
+    return served
+
+
+def _install(handlers):
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module):
+    from spoon.logs import bridge_twisted_to_stdlib
+    from spoon.reactors import mark_ran, reactor_for_serving
+
+    set_title(worker_title(number, target.pool_name))
+    # The supervisor's handlers are not ours; job-control and terminal signals are for it.
+    for sig in SUPERVISOR_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    except (ValueError, AttributeError, OSError, RuntimeError):
+        pass  # no usable stderr: the supervisor's log line is all there will be
+    # A worker never outlives its supervisor, even one killed by SIGKILL.
+    linux.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != master_pid:
+        return 1  # the supervisor died before the line above
+
+    renew_inherited_reactor()
+    if reactor_module:
+        install_reactor_module(reactor_module)
+    reactor = reactor_for_serving()
+    target.became_worker(number)
+    bridge_twisted_to_stdlib()
+
+    def orphaned(why):
+        log.warning("Worker %d: supervisor gone (%s); stopping now", os.getpid(), why)
+        reactor.callLater(1.0, os._exit, 1)
+        target.begin_stop(False)
+
+    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned)
+    serve_shared(target, reactor)
+    handlers = target.signal_handlers()
+    _install(handlers)
+    # The supervisor blocked its signals around fork(); now that the target serves and its
+    # handlers are in place, whatever arrived meanwhile reaches them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
+    reactor.callWhenRunning(heartbeat.start, reactor)
+    # reactor.run() installs Twisted's own SIGINT/SIGTERM handlers: the target's win.
+    reactor.callWhenRunning(_install, handlers)
+    mark_ran(reactor)
+    reactor.run()
+    heartbeat.stop()
+    return 0
