@@ -158,6 +158,7 @@ class GulpProtocol(Protocol):
         self._max_line = DEFAULT_MAX_LINE_LENGTH
         self._started = False  # the handler greenlet has been started
         self._between_requests = False  # suspended in readline() with nothing buffered
+        self._took = False  # the handler has read something: a request was under way
         self.socket = None
 
     # -- Twisted side -------------------------------------------------------------------
@@ -331,6 +332,7 @@ class GulpProtocol(Protocol):
             data = bytes(buf[:n])
             del buf[:n]
         self._scan = 0
+        self._took = True
         if self._reading_paused:
             self._consumed()
         return data
@@ -371,6 +373,7 @@ class GulpProtocol(Protocol):
             line = bytes(buf[:i])
             del buf[:i]
         self._scan = 0
+        self._took = True
         return line
 
     def readline(self, size=-1):
@@ -403,11 +406,12 @@ class GulpProtocol(Protocol):
     def _wait_for_request(self):
         """Wait for input between two requests, unless a graceful stop has begun: then
         the session ends here, as if the client had closed (EOF), instead of holding the
-        stop until the grace period runs out."""
-        if self.factory.stopping:
+        stop until the grace period runs out.  Only after a first request: a client that
+        has just connected is about to send one, and it is served."""
+        if self._took and self.factory.stopping:
             self._end_input()
             return
-        self._between_requests = True
+        self._between_requests = self._took
         try:
             self._wait_for_input()
         finally:
@@ -421,15 +425,9 @@ class GulpProtocol(Protocol):
             self.transport.pauseProducing()
 
     def end_if_idle(self):
-        """Graceful stop: a connection between requests ends now (its handler, waiting
-        for the next request with nothing buffered, reads EOF; a connection whose
-        handler has not started yet is closed)."""
-        if self._buf or self._eof:
-            return
-        if not self._started:
-            self._started = True
-            self._close()
-        elif self._waiting == "read" and self._between_requests:
+        """Graceful stop: a session between two requests ends now (its handler, waiting
+        for the next request with nothing buffered, reads EOF)."""
+        if self._waiting == "read" and self._between_requests and not self._buf:
             self._end_input()
             self._wake()
 

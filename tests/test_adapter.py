@@ -595,12 +595,14 @@ def test_graceful_stop_gives_eof_to_a_handler_waiting_between_requests():
     assert server.errors == []
 
 
-def test_graceful_stop_closes_a_connection_whose_handler_has_not_started():
+def test_graceful_stop_waits_for_the_first_request_of_a_new_connection():
     server = RecordingServer(Session)
-    factory = GulpFactory(server, MemoryReactorClock(), lazy_start=True)
-    quiet = Conn(Session, factory=factory, server=server)
+    factory = GulpFactory(server, MemoryReactorClock())
+    fresh = Conn(Session, factory=factory, server=server)
     factory.end_idle_sessions()
-    assert quiet.closed and quiet.out() == b""
+    assert not fresh.closed  # just connected: its request is on its way
+    fresh.feed(b"first\n")
+    assert fresh.out() == b"ok first\nbye stopping=0\n" and fresh.closed
 
 
 def test_a_body_read_is_not_between_requests():

@@ -303,7 +303,12 @@ from twisted.internet import asyncioreactor
 asyncioreactor.install()
 import spoon.server
 
+class Echo(spoon.server.Gulp):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
 class Server(spoon.server.TCPSpork):
+    handler_klass = Echo
     prefork = 2
 
 server = Server(("127.0.0.1", 0))
@@ -418,7 +423,12 @@ INSIDE_RUNNING_REACTOR = """
 from twisted.internet import reactor
 import spoon.server
 
+class Echo(spoon.server.Gulp):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
 class Server(spoon.server.TCPSpork):
+    handler_klass = Echo
     prefork = 2
 
 server = Server(("127.0.0.1", 0))
