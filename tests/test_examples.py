@@ -16,7 +16,6 @@
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -84,7 +83,7 @@ def test_dockerfile_command_as_pid_1_finishes_the_request_in_flight_on_term(tmp_
     if not _can_unshare_pid():
         pytest.skip("needs root and unshare --pid to run the command as PID 1")
     argv = dockerfile_command()
-    assert argv[:2] == ["spoon", "spoon.examples.EchoServerForked"] and "-D" in argv
+    assert argv[:2] == ["spoon", "spoon.examples.EchoServerForked"]
     argv = _option(_option(argv, "-P", "0"), "-I", "127.0.0.1")
     argv[0] = os.path.join(BIN, argv[0])
     err = tmp_path / "stderr"
@@ -94,10 +93,11 @@ def test_dockerfile_command_as_pid_1_finishes_the_request_in_flight_on_term(tmp_
             stdin=subprocess.DEVNULL, start_new_session=True, cwd=str(tmp_path),
         )
     try:
-        match = wait_for(
-            lambda: re.search(r"Starting \S+ on 127\.0\.0\.1:(\d+) \(pid (\d+), 2 workers\)",
-                              err.read_text()),
-            timeout=30, what="the pool to start")
+        started = re.compile(r"Starting \S+ on 127\.0\.0\.1:(\d+) \(pid (\d+), 2 workers\)")
+        wait_for(lambda: proc.poll() is not None or started.search(err.read_text()),
+                 timeout=30, what="the pool to start")
+        match = started.search(err.read_text())
+        assert match, "exit status %s: %s" % (proc.poll(), err.read_text())
         port, inner_pid = int(match.group(1)), int(match.group(2))
         assert inner_pid == 1  # PID 1 of its namespace, as in a container
         [pool] = wait_for(lambda: children_of(proc.pid), what="unshare's child")
@@ -121,6 +121,12 @@ def test_dockerfile_command_as_pid_1_finishes_the_request_in_flight_on_term(tmp_
         assert not pid_alive(pool)
     finally:
         _stop_group(proc)
+
+
+def test_readme_shows_the_command_the_image_runs():
+    with open(os.path.join(ROOT, "README.rst")) as f:
+        readme = f.read()
+    assert "\n        %s\n" % " ".join(dockerfile_command()) in readme
 
 
 # -- Kubernetes ------------------------------------------------------------------------------
