@@ -3,7 +3,9 @@
 - ``Dockerfile``: its ``CMD`` (with a free port on loopback) runs as PID 1 of a new PID
   namespace, as in a container (``unshare --pid``, root only); SIGTERM sent from outside,
   as ``docker stop`` sends it, lets a request in flight finish, then the pool exits 0.
-  No image is built: that needs a Docker daemon and a base image from a registry.
+  No image is built: that needs a Docker daemon and a base image from a registry; its
+  ``COPY`` lines are done into a scratch directory and what they copied is built into a
+  wheel, as its ``pip install`` would.
 - ``kubernetes.yaml``: a Deployment and a Service whose grace period outlasts the pool's
   ``graceful_timeout``, with a preStop hook, on the port the image serves.  Parsed with
   PyYAML when it is installed, else checked line by line.
@@ -21,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -121,6 +124,37 @@ def test_dockerfile_command_as_pid_1_finishes_the_request_in_flight_on_term(tmp_
         assert not pid_alive(pool)
     finally:
         _stop_group(proc)
+
+
+def test_dockerfile_copies_everything_building_spoon_needs(tmp_path):
+    """The image's ``COPY`` lines, done into a scratch root, then its ``pip install`` source
+    built into a wheel that holds the package and the twistd plugin."""
+    root = tmp_path / "image"
+    for line in _read("Dockerfile").splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, dest = line.split()[1:]
+        target = root / dest.lstrip("/")
+        for name in sources:
+            source = os.path.join(ROOT, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target / name)
+    [install] = [l for l in _read("Dockerfile").splitlines() if "pip install" in l]
+    source_dir = re.search(r"pip install --no-cache-dir (\S+)", install).group(1)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "wheel", "-q", "--no-deps",
+         "-w", str(tmp_path / "out"), str(root / source_dir.lstrip("/"))],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = os.listdir(tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "out" / wheel) as zf:
+        names = zf.namelist()
+    for name in ("spoon/server.py", "spoon/daemon.py", "twisted/plugins/spoon_plugin.py"):
+        assert name in names
 
 
 def test_readme_shows_the_command_the_image_runs():
