@@ -2,8 +2,9 @@
 
 One nox session per version (``tests-3.10`` ... ``tests-3.13``), each in its own virtualenv
 under ``.venv/nox/`` (inside the ignored ``.venv``, which ``make clean`` removes and the
-packaging test's copy of the checkout leaves out), with spoon installed as ``make test`` installs it (editable, "compat" mode,
-so that ``twisted/plugins/spoon_plugin.py`` stays visible to twistd's plugin discovery).
+packaging test's copy of the checkout leaves out), with spoon installed as ``make test``
+installs it (editable, "compat" mode, so that ``twisted/plugins/spoon_plugin.py`` stays
+visible to twistd's plugin discovery; ``tests/test_twistd.py`` checks it in every session).
 
 A version is used only when an interpreter for it really runs: a pyenv shim for a version
 pyenv does not select fails, so such a version is looked up among pyenv's installed versions
