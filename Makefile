@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # "compat" keeps twisted/plugins visible to Twisted's plugin discovery in an editable install.
 INSTALL := $(PY) -m pip install --disable-pip-version-check -q -e . --config-settings editable_mode=compat
 
-.PHONY: run test bench clean
+.PHONY: run test test-all bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The suite on every supported Python found here (noxfile.py; absent versions are skipped
+# with a line saying so). nox goes into .venv; each version gets its own virtualenv in .venv/nox/.
+test-all: $(PY)
+	@$(PY) -c "import nox" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q nox
+	$(PY) -m nox $(NOX_ARGS) -- $(PYTEST_ARGS)
+
 # matplotlib (the "bench" extra) draws the plots; without it RESULTS.md still has every number.
 bench: $(VENV)/.installed-test
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -e ".[test,bench]" --config-settings editable_mode=compat || echo "bench: matplotlib unavailable, no plots"
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

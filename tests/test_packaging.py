@@ -1,8 +1,11 @@
-"""Packaging: what the wheel holds, and that installing and uninstalling it in a scratch
-virtualenv never harms Twisted or its plugin cache.
+"""Packaging: what the wheel and the sdist hold (the licence in both), and that installing
+and uninstalling the wheel in a scratch virtualenv never harms Twisted or its plugin cache.
 
-The wheel is built once per module from a copy of this checkout (so the build writes no
-``build/`` or ``*.egg-info`` into the tree the other tests run from).
+The wheel and the sdist are built once per module from a copy of this checkout (so the
+builds write no ``build/`` or ``*.egg-info`` into the tree the other tests run from).  The
+wheel is built by ``pip wheel``; the sdist by the PEP 517 backend that ``pyproject.toml``
+names, installed for the occasion into a scratch directory (what ``python -m build --sdist``
+does, without needing the ``build`` package).
 
 ``test_scratch_venv_install_and_uninstall`` is the SLOW one (about 10 s): it creates a plain
 virtualenv (no ``--system-site-packages``), installs Twisted and the other requirements in it
@@ -15,6 +18,7 @@ import glob
 import os
 import re
 import shutil
+import tarfile
 import subprocess
 import sys
 import zipfile
@@ -42,13 +46,80 @@ def _pip(*args, python=None, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    source = tmp_path_factory.mktemp("source") / "spoon"
-    shutil.copytree(ROOT, source, ignore=IGNORE, symlinks=True)
+def source(tmp_path_factory):
+    """A copy of this checkout to build from."""
+    path = tmp_path_factory.mktemp("source") / "spoon"
+    shutil.copytree(ROOT, path, ignore=IGNORE, symlinks=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     _pip("wheel", "-q", "--no-deps", "-w", str(out), str(source))
     [path] = glob.glob(str(out / "spoon-*.whl"))
     return path
+
+
+@pytest.fixture(scope="module")
+def sdist(source, tmp_path_factory):
+    with open(source / "pyproject.toml") as f:
+        pyproject = f.read()
+    backend = re.search(r'^build-backend\s*=\s*"([^"]+)"', pyproject, re.M).group(1)
+    requires = re.findall(r'"([^"]+)"', re.search(r"^requires\s*=\s*\[([^]]*)\]", pyproject,
+                                                 re.M).group(1))
+    backend_dir = tmp_path_factory.mktemp("backend")
+    _pip("install", "-q", "--no-compile", "--target", str(backend_dir), *requires)
+    out = tmp_path_factory.mktemp("sdist")
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import importlib, sys; print(importlib.import_module(sys.argv[1]).build_sdist(sys.argv[2]))",
+         backend, str(out)],
+        capture_output=True, text=True, timeout=300, cwd=source, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=str(backend_dir)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return str(out / result.stdout.strip().splitlines()[-1])
+
+
+def _license_text():
+    with open(os.path.join(ROOT, "LICENSE"), "rb") as f:
+        return f.read()
+
+
+def test_license_is_the_gpl_2_or_later_that_setup_cfg_names():
+    text = _license_text().decode()
+    with open(os.path.join(ROOT, "setup.cfg")) as f:
+        assert re.search(r"^license = GPL-2\.0-or-later$", f.read(), re.M)
+    assert "GNU GENERAL PUBLIC LICENSE\n                       Version 2, June 1991" in text
+    header = " ".join(text.split("GNU GENERAL PUBLIC")[0].split())
+    assert "either version 2 of the License, or (at your option) any later version" in header
+    assert "SpamExperts B.V." in header and "the spoon contributors" in header
+
+
+def test_wheel_carries_the_license(wheel):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        [license_file] = [n for n in names if re.match(r"[^/]+\.dist-info/(licenses/)?LICENSE$", n)]
+        assert zf.read(license_file) == _license_text()
+        metadata = zf.read([n for n in names if n.endswith(".dist-info/METADATA")][0]).decode()
+    assert re.search(r"^License-File: LICENSE$", metadata, re.M)
+    assert re.search(r"^License: GPL-2\.0-or-later$", metadata, re.M)
+
+
+def test_sdist_carries_the_license_changelog_and_examples(sdist):
+    with tarfile.open(sdist) as tf:
+        names = tf.getnames()
+        top = names[0].split("/")[0]
+        assert tf.extractfile("%s/LICENSE" % top).read() == _license_text()
+        pkg_info = tf.extractfile("%s/PKG-INFO" % top).read().decode()
+    assert re.search(r"^License-File: LICENSE$", pkg_info, re.M)
+    assert re.search(r"^Requires-Python: >=3\.10$", pkg_info, re.M)
+    for name in ("CHANGELOG.rst", "README.rst", "noxfile.py", "examples/Dockerfile",
+                 "examples/kubernetes.yaml", "examples/logrotate.conf",
+                 "twisted/plugins/spoon_plugin.py", "spoon/server.py"):
+        assert "%s/%s" % (top, name) in names, name
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
 def test_wheel_holds_spoon_and_the_plugin_only(wheel):
@@ -62,7 +133,7 @@ def test_wheel_holds_spoon_and_the_plugin_only(wheel):
     # dropin.cache; uninstalling must not be able to delete any of them.
     assert under_twisted == ["twisted/plugins/spoon_plugin.py"]
     top = {n.split("/")[0] for n in names}
-    assert top == {"spoon", "twisted", os.path.dirname(dist_info[0])}
+    assert top == {"spoon", "twisted", dist_info[0].split("/")[0]}
     spoon_files = {n for n in names if n.startswith("spoon/")}
     for module in ("__init__", "server", "adapter", "daemon", "logs", "examples"):
         assert "spoon/%s.py" % module in spoon_files
