@@ -5,6 +5,7 @@ test ends (use the ``procs`` fixture from ``conftest.py``).
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,6 +15,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+
+#: One line of spoon's text log format (README "Logging"), written independently of
+#: ``spoon.logs`` so that a change of the format there fails the tests: groups time, level,
+#: pid, logger, message.  A line starting with a tab continues the record above it.
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d) "
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \[(\d+)\] (\S+): (.*)$"
+)
 
 
 def wait_for(condition, timeout=10.0, interval=0.01, what=None):

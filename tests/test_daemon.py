@@ -7,7 +7,6 @@ half-way.  All waits are bounded polls.
 """
 
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import uuid
 import pytest
 
 import spoon.daemon
-from support import ROOT, SentryCollector, children_of, pid_alive, request, wait_for
+from support import LOG_LINE, ROOT, SentryCollector, children_of, pid_alive, request, wait_for
 
 PROBE_MODULE = '''
 """A server whose answers show what the daemon did: its config generation and pid."""
@@ -189,7 +188,7 @@ def _log_lines(path):
         return []
 
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
+LINE = LOG_LINE
 
 
 def _lines_matching(path, name, text):
@@ -197,8 +196,8 @@ def _lines_matching(path, name, text):
     found = []
     for line in _log_lines(path):
         match = LINE.match(line)
-        if match and match.group(2) == name and text in match.group(4):
-            found.append((int(match.group(1)), match.group(4)))
+        if match and match.group(4) == name and text in match.group(5):
+            found.append((int(match.group(3)), match.group(5)))
     return found
 
 
@@ -241,7 +240,7 @@ def test_start_serve_reload_stop(daemons):
     # (the reload was polled for: "gen" was asked at least twice)
     handled = [p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled 'gen'")]
     assert len(handled) >= 2 and set(handled) == {pid}
-    seen = [p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw gen")]
+    seen = [p for p, _ in _lines_matching(daemons.log_file, "probe.twisted", "twisted saw gen")]
     assert len(seen) == len(handled) and set(seen) == {pid}
     assert _lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
     assert _lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
@@ -355,7 +354,7 @@ def test_log_file_survives_logrotate_move_and_create(daemons):
     assert _lines_matching(daemons.log_file, "probe-server", "handled 'after'") == [
         (pid, "handled 'after'")
     ]
-    assert _lines_matching(daemons.log_file, "twisted", "twisted saw after") == [
+    assert _lines_matching(daemons.log_file, "probe.twisted", "twisted saw after") == [
         (pid, "twisted saw after")
     ]
     assert not _lines_matching(rotated, "probe-server", "handled 'after'")
@@ -389,10 +388,10 @@ def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
     assert not os.path.exists(daemons.pid_file)
     lines = err.decode().splitlines()
     assert any(
-        LINE.match(line) and "[%d] probe-server INFO: handled 'gen'" % proc.pid in line
+        LINE.match(line) and "INFO [%d] probe-server: handled 'gen'" % proc.pid in line
         for line in lines
     ), err
-    assert any("[%d] twisted INFO: twisted saw gen" % proc.pid in line for line in lines), err
+    assert any("INFO [%d] probe.twisted: twisted saw gen" % proc.pid in line for line in lines), err
 
 
 # -- pre-forked pools (and the Spork class default: the original crashed on int(None)) ----------
@@ -436,7 +435,7 @@ def test_spork_pool_start_reload_stop(daemons):
     assert _lines_matching(daemons.log_file, "probe-server", "Starting")[0][0] == master
     handled = {p for p, _ in _lines_matching(daemons.log_file, "probe-server", "handled")}
     assert handled and handled <= set(workers)
-    seen = {p for p, _ in _lines_matching(daemons.log_file, "twisted", "twisted saw")}
+    seen = {p for p, _ in _lines_matching(daemons.log_file, "probe.twisted", "twisted saw")}
     assert seen and seen <= set(workers)
     for line in _log_lines(daemons.log_file):
         assert LINE.match(line), line

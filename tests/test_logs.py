@@ -6,16 +6,14 @@ are process-wide state that the test runner itself must not inherit.
 """
 
 import os
-import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from support import ROOT, SentryCollector
+from support import LOG_LINE, ROOT, SentryCollector
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
 
 
 def run_python(source, *args, timeout=60, env=None):
@@ -38,9 +36,10 @@ def parse(path_or_text, is_text=False):
     lines = text.splitlines()
     parsed = []
     for line in lines:
-        match = LINE.match(line)
+        match = LOG_LINE.match(line)
         assert match, "badly formed line: %r" % line
-        parsed.append((int(match.group(1)), match.group(2), match.group(3), match.group(4)))
+        _, level, pid, name, message = match.groups()
+        parsed.append((int(pid), name, level, message))
     return parsed
 
 
@@ -82,12 +81,12 @@ def test_server_and_twisted_records_with_the_pid_of_each_process(tmp_path):
         by_pid.setdefault(pid, []).append((name, level, message))
     assert set(by_pid) == {parent, *workers}
     assert ("spoon-server", "INFO", "parent before fork") in by_pid[parent]
-    assert ("twisted", "INFO", "twisted event 1") in by_pid[parent]
+    assert ("some.twisted.thing", "INFO", "twisted event 1") in by_pid[parent]
     for index, pid in enumerate(workers):
         mine = [m for n, _, m in by_pid[pid] if n == "spoon-server"]
         # Every line of each process arrived whole, in order, in the one file.
         assert mine == ["worker %d line %d" % (index, i) for i in range(200)]
-        assert ("twisted", "WARNING", "worker %d twisted" % index) in by_pid[pid]
+        assert ("some.twisted.thing", "WARNING", "worker %d twisted" % index) in by_pid[pid]
     assert len([m for n, _, m in by_pid[parent] if m.startswith("parent line")]) == 200
 
 
