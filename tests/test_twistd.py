@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from support import HERE, children_of, pid_alive, request, wait_for
+from support import HERE, LOG_LINE, children_of, pid_alive, request, wait_for
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -284,7 +284,7 @@ def test_single_process_foreground_reload_rotate_and_graceful_stop(twistd):
     wait_for(lambda: ask(port)[1] == 3, 20, what="generation 3 after HUP")
 
     ask(port, b"log")
-    wait_for(lambda: re.search(r"gen-server#info pid=%d\] request logged by the handler" % run.pid, run.log()),
+    wait_for(lambda: re.search(r"INFO \[%d\] gen-server: request logged by the handler" % run.pid, run.log()),
              10, what="the stdlib record in twistd's log with its pid")
 
     # An in-flight request finishes; twistd exits once it has.
@@ -396,9 +396,9 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
     # Every line in the log carries a pid: twistd's own and the pool's relayed ones.
     text = open(run.logfile).read() + open(run.logfile + ".1").read()
     for worker_pid in workers:
-        assert "[gen-server#info pid=%d] config generation 2" % worker_pid in text, text
+        assert "INFO [%d] gen-server: config generation 2" % worker_pid in text, text
     for line in text.splitlines():
-        assert re.search(r"^\S+ \[\S+ pid=\d+\] ", line), line
+        assert LOG_LINE.match(line) or line.startswith("\t"), line
 
     # TERM: graceful stop of everything, in-flight requests included.
     client = SlowRequest(port, 1)
