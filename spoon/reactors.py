@@ -6,8 +6,6 @@ the default one if none is), which is what handler code importing
 ``twisted.internet.reactor`` expects; a later run gets a fresh instance of the same class.
 """
 
-import sys
-
 _ran = set()
 
 
@@ -28,8 +26,3 @@ def reactor_for_serving():
 def mark_ran(reactor):
     """Remember that ``reactor`` has been run (and so cannot run again)."""
     _ran.add(id(reactor))
-
-
-def reactor_installed():
-    """True when some code has already installed (imported) the global reactor."""
-    return "twisted.internet.reactor" in sys.modules
