@@ -561,10 +561,20 @@ def _server_flag(entry_point):
     )
 
 
+#: How messages name each entry point.
+COMMANDS = {
+    "twistd": "twistd spoon",
+    "daemon": "the spoon command",
+    "prefork": "python -m spoon.prefork",
+    "examples": "python -m spoon.examples",
+}
+
+
 def _ignored_hint(setting, entry_point):
     if entry_point == "twistd" and setting.name in HOST_SETTINGS:
         return "twistd spoon: use twistd's own option before 'spoon'"
-    return "this command"
+    return "%s (it is for %s)" % (
+        COMMANDS[entry_point], ", ".join(COMMANDS[e] for e in setting.entry_points))
 
 
 def _source_text(layer, name):

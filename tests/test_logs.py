@@ -1,8 +1,9 @@
 """spoon.logs.setup_logging: one place for server and Twisted records, a pid on each line,
 log files that survive logrotate, across forked processes.
 
-Each test configures logging in a child Python process: logging and Twisted's global log
-are process-wide state that the test runner itself must not inherit.
+Each test that configures logging does it in a child Python process: logging and Twisted's
+global log are process-wide state that the test runner itself must not inherit.  Every line is
+read with ``support.LOG_LINE``, written apart from ``spoon.logs``.
 """
 
 import os
@@ -11,7 +12,9 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import given, strategies as st
 
+from spoon import logs
 from support import LOG_LINE, ROOT, SentryCollector
 
 
@@ -224,3 +227,140 @@ def test_sentry_receives_warnings(tmp_path):
     assert received, "nothing reached the Sentry server"
     assert any(path.startswith("/api/7/") for path, _ in received)
     assert any(b"reported to sentry 42" in body for _, body in received)
+
+
+# -- one format for stdlib records and Twisted events --------------------------------------------
+
+ONE_PROCESS = """
+    import logging, os, sys
+    from spoon import logs
+    from twisted.logger import Logger, LogLevel
+    from twisted.python import log as legacy
+
+    logs.setup_logging(log_format=sys.argv[1])
+    server_log = logging.getLogger("spoon-server")
+    twisted_log = Logger(namespace="some.twisted.thing")
+    server_log.info("stdlib says %s", "hi")
+    twisted_log.warn("twisted says {word}", word="hello")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        server_log.exception("stdlib failed")
+    try:
+        {}["missing"]
+    except KeyError:
+        twisted_log.failure("twisted failed")
+    legacy.msg("legacy message")
+    relayed = {"pid": 4242, "logger": "gen-server", "level": "INFO", "message": "relayed"}
+    Logger(namespace="gen-server").emit(LogLevel.info, **logs.relayed_event(relayed))
+    server_log.debug("below the level")
+    print(os.getpid())
+"""
+
+EXPECTED = [
+    ("INFO", "spoon-server", "stdlib says hi"),
+    ("WARNING", "some.twisted.thing", "twisted says hello"),
+    ("ERROR", "spoon-server", "stdlib failed"),
+    ("CRITICAL", "some.twisted.thing", "twisted failed"),
+    ("INFO", "twisted", "legacy message"),
+    ("INFO", "gen-server", "relayed"),
+]
+
+
+def test_stdlib_and_twisted_lines_have_one_shape_in_one_process():
+    result = run_python(ONE_PROCESS, "text")
+    pid = int(result.stdout)
+    headers, tracebacks = [], {}
+    for line in result.stderr.splitlines():
+        match = LOG_LINE.match(line)
+        if match is None:
+            assert line.startswith("\t") and headers, "badly formed line: %r" % line
+            tracebacks.setdefault(headers[-1][3], []).append(line[1:])
+            continue
+        _, level, line_pid, name, message = match.groups()
+        headers.append((level, int(line_pid), name, message))
+    assert [(level, name, message) for level, _, name, message in headers] == EXPECTED
+    assert [line_pid for _, line_pid, _, _ in headers] == [pid] * 5 + [4242]
+    assert tracebacks["stdlib failed"][0] == "Traceback (most recent call last):"
+    assert tracebacks["stdlib failed"][-1] == "ZeroDivisionError: division by zero"
+    assert "KeyError: 'missing'" in "\n".join(tracebacks["twisted failed"])
+    assert set(tracebacks) == {"stdlib failed", "twisted failed"}
+
+
+def test_json_format_is_one_object_a_line_with_the_traceback_apart():
+    import datetime
+    import json
+
+    result = run_python(ONE_PROCESS, "json")
+    pid = int(result.stdout)
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(r["level"], r["logger"], r["message"]) for r in records] == EXPECTED
+    assert [r["pid"] for r in records] == [pid] * 5 + [4242]
+    for record in records:
+        assert {"time", "level", "pid", "logger", "message"} <= set(record)
+        assert datetime.datetime.fromisoformat(record["time"]).tzinfo is not None
+    with_traceback = {r["message"]: r["traceback"] for r in records if "traceback" in r}
+    assert set(with_traceback) == {"stdlib failed", "twisted failed"}
+    assert with_traceback["stdlib failed"].endswith("ZeroDivisionError: division by zero")
+    assert "KeyError: 'missing'" in with_traceback["twisted failed"]
+
+
+_NAMES = st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=20)
+
+
+@given(
+    st.sampled_from(logs.LEVEL_NAMES), st.integers(1, 2 ** 22), _NAMES,
+    st.text(st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",))),
+    st.sampled_from(["text", "json"]),
+)
+def test_a_rendered_line_parses_back_to_its_fields(level, pid, logger, message, log_format):
+    """What the pool's log relay relies on: parse_line(render(...)) gives the fields back."""
+    line = logs.render(1795849400.25, level, pid, logger, message, None, log_format)
+    fields = logs.parse_line(line)
+    assert (fields["level"], fields["pid"], fields["logger"], fields["message"]) == (
+        level, pid, logger, message)
+
+
+# -- a plain script ------------------------------------------------------------------------------
+
+PLAIN_SCRIPT = """
+    import logging, sys
+    from spoon import logs
+
+    if sys.argv[1] == "configured":
+        logging.basicConfig(level=logging.INFO, format="%(name)s said %(message)s")
+    print(logs.ensure_default_logging("my-echo-server"))
+    logging.getLogger("my-echo-server").info("listening on tcp 127.0.0.1:1")
+"""
+
+
+def test_a_plain_script_logs_its_start_to_stderr_by_default():
+    result = run_python(PLAIN_SCRIPT, "plain")
+    assert result.stdout == "True\n"
+    [(pid, name, level, message)] = parse(result.stderr, is_text=True)
+    assert (name, level, message) == ("my-echo-server", "INFO", "listening on tcp 127.0.0.1:1")
+
+
+def test_a_script_that_configured_logging_keeps_its_own():
+    result = run_python(PLAIN_SCRIPT, "configured")
+    assert result.stdout == "False\n"
+    assert result.stderr == "my-echo-server said listening on tcp 127.0.0.1:1\n"
+
+
+def test_twistd_observer_writes_spoon_lines_to_the_log_file_and_rotates_it(tmp_path):
+    import json
+
+    from twisted.logger import LogLevel
+
+    path = str(tmp_path / "twistd.log")
+    observer, log_file = logs.twistd_observer({"logfile": path}, "json", logs.level_number("info"))
+    event = {"log_format": "hello {who}", "who": "there", "log_level": LogLevel.info,
+             "log_namespace": "a.b", "log_time": 1795849400.0}
+    observer(event)
+    observer(dict(event, log_level=LogLevel.debug))  # below the level: dropped
+    log_file.rotate()
+    observer(dict(event, who="again"))
+    log_file.close()
+    first = [json.loads(line) for line in open(path + ".1")]
+    assert [(r["logger"], r["message"], r["pid"]) for r in first] == [("a.b", "hello there", os.getpid())]
+    assert [json.loads(line)["message"] for line in open(path)] == ["hello again"]
