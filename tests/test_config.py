@@ -302,3 +302,14 @@ def test_examples_command_checks_prints_and_versions_without_serving(tmp_path):
     assert done.stderr.splitlines()[0] == "3 configuration error(s):", done.stderr
     done = run_examples("--version")
     assert (done.returncode, done.stdout) == (0, "spoon %s\n" % __version__)
+
+
+def test_the_readme_example_file_is_a_valid_configuration(tmp_path):
+    with open(os.path.join(ROOT, "README.rst")) as f:
+        text = f.read()
+    block = text.split("For example ``/etc/echo.toml``::\n\n", 1)[1].split("\n\n", 1)[0]
+    path = toml(tmp_path, "\n".join(line[4:] for line in block.splitlines()) + "\n")
+    c = build({"config": path}, {"SPOON_WORKERS": "8"})
+    assert c.errors == []
+    assert (c.server, c.workers, c.log_format) == ("spoon.examples.EchoServerForked", 8, "json")
+    assert c.endpoint == ["tcp:30111:interface=127.0.0.1", "tcp6:30111:interface=\\:\\:1"]
