@@ -213,6 +213,15 @@ class Setting:
         return flags[0] if flags else self.name
 
 
+def _timeout_setting(name, text):
+    """A number of seconds the pool uses, defaulting to the class attribute of that name."""
+    return Setting(
+        name, _seconds, "%s [default: the class's %s]." % (text, name),
+        flags=("--" + name.replace("_", "-"),), metavar="SECONDS", default=30.0,
+        from_class=_class_attribute(name), entry_points=("twistd", "daemon", "prefork"),
+    )
+
+
 SETTINGS = (
     Setting(
         "server", _text,
@@ -249,21 +258,13 @@ SETTINGS = (
         "else its prefork for a Spork, 1 for a Spoon]; 1 serves in one process.",
         flags=("-s", "--spork", "--workers"), metavar="N", default=1, from_class=_class_workers,
     ),
-    Setting(
-        "graceful_timeout", _seconds,
-        "Seconds a graceful stop waits for in-flight requests before closing them "
-        "[default: the class's graceful_timeout].",
-        flags=("--graceful-timeout",), metavar="SECONDS", default=30.0,
-        from_class=_class_attribute("graceful_timeout"),
-        entry_points=("twistd", "daemon", "prefork"),
+    _timeout_setting(
+        "graceful_timeout",
+        "Seconds a graceful stop waits for in-flight requests before closing them",
     ),
-    Setting(
-        "worker_timeout", _seconds,
-        "Seconds without a heartbeat after which a pre-forked worker is killed and "
-        "replaced [default: the class's worker_timeout].",
-        flags=("--worker-timeout",), metavar="SECONDS", default=30.0,
-        from_class=_class_attribute("worker_timeout"),
-        entry_points=("twistd", "daemon", "prefork"),
+    _timeout_setting(
+        "worker_timeout",
+        "Seconds without a heartbeat after which a pre-forked worker is killed and replaced",
     ),
     Setting(
         "reactor", _text,
@@ -416,6 +417,17 @@ class Config:
     @property
     def ok(self):
         return not self.errors
+
+    def recorded(self):
+        """The settings given by a file, the environment or the command line, as TOML text
+        that :func:`build` reads back (``--config``) to the same values: what ``restart``
+        needs to start the instance again as it was started."""
+        lines = []
+        for setting in SETTINGS:
+            source = self.sources.get(setting.name, "default")
+            if setting.name in self.values and not source.startswith(("class ", "default", "port and")):
+                lines.append("%s = %s" % (setting.name, _toml_value(self.values[setting.name])))
+        return "".join(line + "\n" for line in lines)
 
     def describe(self):
         """One line per setting: ``name = value  (source)``."""

@@ -49,6 +49,7 @@ __all__ = [
     "twistd_observer",
     "parse_line",
     "relayed_event",
+    "twisted_level",
     "render",
     "SpoonFormatter",
     "setup_sentry",
@@ -131,10 +132,19 @@ def parse_line(text):
 
 
 def relayed_event(fields):
-    """Keyword arguments for ``twisted.logger.Logger(namespace=fields["logger"]).emit(level,
-    **kwargs)`` that show a relayed record (from :func:`parse_line`) with its writer's pid."""
+    """Keyword arguments for ``Logger(namespace=fields["logger"]).emit(
+    twisted_level(fields["level"]), **relayed_event(fields))`` (``twisted.logger.Logger``)
+    that show a relayed record (from :func:`parse_line`) with its writer's pid."""
     return {"format": "{spoon_text}", "spoon_text": fields["message"],
             PID_KEY: int(fields["pid"]), TRACEBACK_KEY: fields.get("traceback")}
+
+
+def twisted_level(name):
+    """The Twisted ``LogLevel`` of a line's level name ("WARNING" is ``LogLevel.warn``)."""
+    for level, level_text in _twisted_levels().items():
+        if level_text == name:
+            return level
+    raise ValueError("unknown level name %r" % (name,))
 
 
 def _twisted_levels():
@@ -271,7 +281,7 @@ class _StdlibToTwisted(logging.Handler):
     def emit(self, record):
         if getattr(record, _FROM_TWISTED, False):
             return
-        from twisted.logger import LogLevel, globalLogPublisher
+        from twisted.logger import globalLogPublisher
 
         try:
             message = record.getMessage()
@@ -281,12 +291,10 @@ class _StdlibToTwisted(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        level = {"DEBUG": LogLevel.debug, "INFO": LogLevel.info, "WARNING": LogLevel.warn,
-                 "ERROR": LogLevel.error, "CRITICAL": LogLevel.critical}[level_name(record.levelno)]
         globalLogPublisher({
             "log_format": "{spoon_text}",
             "spoon_text": message,
-            "log_level": level,
+            "log_level": twisted_level(level_name(record.levelno)),
             "log_namespace": record.name,
             "log_time": record.created,
             PID_KEY: record.process,

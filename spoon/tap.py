@@ -11,7 +11,6 @@ TERM stops gracefully, USR1 reloads the configuration (and still rotates ``--log
 HUP restarts the workers one by one (reloads, without pre-forking).
 """
 
-import logging
 import os
 import signal
 

@@ -313,3 +313,15 @@ def test_the_readme_example_file_is_a_valid_configuration(tmp_path):
     assert c.errors == []
     assert (c.server, c.workers, c.log_format) == ("spoon.examples.EchoServerForked", 8, "json")
     assert c.endpoint == ["tcp:30111:interface=127.0.0.1", "tcp6:30111:interface=\\:\\:1"]
+
+
+def test_recorded_settings_build_the_same_configuration_again(tmp_path):
+    """What ``restart`` keeps beside the pid file: given values, not the class's."""
+    c = config.build("daemon", {"server": SPORK, "workers": "6", "log_file": "/tmp/x.log",
+                                "endpoint": ["tcp:1", "tcp6:2:interface=\\:\\:1"], "uid": "0"},
+                     environ={"SPOON_LOG_FORMAT": "json"})
+    text = c.recorded()
+    assert "port" not in text and "graceful_timeout" not in text
+    assert c.errors == []
+    again = config.build("daemon", {"config": toml(tmp_path, text)}, environ={})
+    assert again.errors == [] and again.values == c.values
