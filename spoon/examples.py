@@ -62,4 +62,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module's importable copy, so that the classes are named spoon.examples.*
+    # (in messages, --print-config, and for the pool's workers), not __main__.*.
+    from spoon.examples import main as importable_main
+
+    sys.exit(importable_main())

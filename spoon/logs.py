@@ -87,6 +87,9 @@ def format_time(seconds):
     return moment.isoformat(timespec="milliseconds")
 
 
+_SPACE = re.compile(r"\s")
+
+
 def render(time, level, pid, logger, message, traceback=None, log_format="text"):
     """The text of one record (no final newline) in ``log_format`` ("text" or "json")."""
     if log_format == "json":
@@ -101,8 +104,9 @@ def render(time, level, pid, logger, message, traceback=None, log_format="text")
             fields["traceback"] = traceback
         return json.dumps(fields, ensure_ascii=False)
     text = message if not traceback else "%s\n%s" % (message, traceback)
-    text = text.rstrip("\n").replace("\n", "\n\t")
-    return "%s %s [%d] %s: %s" % (format_time(time), level, pid, logger or "-", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").replace("\n", "\n\t")
+    logger = _SPACE.sub("_", logger) if logger else "-"
+    return "%s %s [%d] %s: %s" % (format_time(time), level, pid, logger, text)
 
 
 def parse_line(text):

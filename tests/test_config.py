@@ -296,6 +296,8 @@ def test_examples_command_checks_prints_and_versions_without_serving(tmp_path):
     done = run_examples("--print-config", env={"SPOON_PORT": "30999"})
     assert done.returncode == 0, done.stderr
     assert "port = 30999  (env SPOON_PORT)" in done.stdout.splitlines()
+    assert ('interface = "::0"  (class spoon.examples.EchoServer.command_line_defaults'
+            "['interface'])") in done.stdout.splitlines(), done.stdout
     bad = toml(tmp_path, "port = 1e9\nlog_level = 3\n")
     done = run_examples("--check-config", "--config", bad, "-s", "-1")
     assert done.returncode == 2

@@ -305,20 +305,31 @@ def test_json_format_is_one_object_a_line_with_the_traceback_apart():
     assert "KeyError: 'missing'" in with_traceback["twisted failed"]
 
 
-_NAMES = st.text(st.characters(blacklist_categories=("Z", "C")), min_size=1, max_size=20)
+_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
 
 
 @given(
     st.sampled_from(logs.LEVEL_NAMES), st.integers(1, 2 ** 22), _NAMES,
-    st.text(st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",))),
+    st.text(st.characters(blacklist_categories=("Cs",))),
     st.sampled_from(["text", "json"]),
 )
 def test_a_rendered_line_parses_back_to_its_fields(level, pid, logger, message, log_format):
-    """What the pool's log relay relies on: parse_line(render(...)) gives the fields back."""
-    line = logs.render(1795849400.25, level, pid, logger, message, None, log_format)
-    fields = logs.parse_line(line)
+    """What the pool's log relay relies on: parse_line(render(...)) gives the fields back;
+    a text record's first line always has the one shape, and its other lines start with a
+    tab (a logger name's blanks become "_", an empty one "-")."""
+    text = logs.render(1795849400.25, level, pid, logger, message, None, log_format)
+    if log_format == "json":
+        assert "\n" not in text
+        expected_logger, expected_message = logger, message
+    else:
+        first, *rest = text.split("\n")
+        assert all(line.startswith("\t") for line in rest), text
+        text = first
+        expected_logger = "".join("_" if c.isspace() else c for c in logger) or "-"
+        expected_message = message.replace("\r\n", "\n").replace("\r", "\n").split("\n")[0]
+    fields = logs.parse_line(text)
     assert (fields["level"], fields["pid"], fields["logger"], fields["message"]) == (
-        level, pid, logger, message)
+        level, pid, expected_logger, expected_message)
 
 
 # -- a plain script ------------------------------------------------------------------------------
@@ -364,3 +375,54 @@ def test_twistd_observer_writes_spoon_lines_to_the_log_file_and_rotates_it(tmp_p
     first = [json.loads(line) for line in open(path + ".1")]
     assert [(r["logger"], r["message"], r["pid"]) for r in first] == [("a.b", "hello there", os.getpid())]
     assert [json.loads(line)["message"] for line in open(path)] == ["hello again"]
+
+
+def test_examples_pool_writes_json_from_every_process_to_one_file(tmp_path):
+    """``python -m spoon.examples -s 2 --log-format json -L FILE``: the supervisor's and
+    each worker's records, stdlib's and Twisted's, one JSON object a line."""
+    import json
+    import signal
+
+    from support import children_of, request, wait_for
+
+    log_file = str(tmp_path / "pool.log")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spoon.examples", "-P", "0", "-I", "127.0.0.1", "-s", "2",
+         "--log-format", "json", "-L", log_file],
+        env=dict(os.environ, PYTHONPATH=ROOT), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        def records():
+            try:
+                with open(log_file) as f:
+                    return [json.loads(line) for line in f]
+            except FileNotFoundError:
+                return []
+
+        def port():
+            for record in records():
+                if record["message"].startswith("EchoServerForked listening on 127.0.0.1:"):
+                    return int(record["message"].rsplit(":", 1)[1])
+            return None
+
+        port = wait_for(port, 30, what="the listening line in %s" % log_file)
+        workers = wait_for(lambda: len(children_of(proc.pid)) == 2 and children_of(proc.pid), 30,
+                           what="2 workers")
+        for _ in range(6):
+            assert request(("127.0.0.1", port), b"HeLLo\n", timeout=10) == b"hello\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    written = records()
+    for record in written:
+        assert {"time", "level", "pid", "logger", "message"} <= set(record), record
+    by_pid = {}
+    for record in written:
+        by_pid.setdefault(record["pid"], set()).add(record["logger"])
+    assert set(by_pid) == {proc.pid, *workers}, written
+    # The server's stdlib logger and Twisted's reactor, from the workers.
+    assert {"my-echo-server", "twisted.internet.base"} <= set().union(*(by_pid[w] for w in workers))
