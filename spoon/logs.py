@@ -104,7 +104,8 @@ def render(time, level, pid, logger, message, traceback=None, log_format="text")
             fields["traceback"] = traceback
         return json.dumps(fields, ensure_ascii=False)
     text = message if not traceback else "%s\n%s" % (message, traceback)
-    text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip("\n").replace("\n", "\n\t")
+    # Any line boundary a reader may split on (str.splitlines') starts a tab-led line.
+    text = "\n\t".join(text.splitlines())
     logger = _SPACE.sub("_", logger) if logger else "-"
     return "%s %s [%d] %s: %s" % (format_time(time), level, pid, logger, text)
 

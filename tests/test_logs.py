@@ -305,12 +305,14 @@ def test_json_format_is_one_object_a_line_with_the_traceback_apart():
     assert "KeyError: 'missing'" in with_traceback["twisted failed"]
 
 
-_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_CHARACTERS = st.one_of(st.characters(blacklist_categories=("Cs",)),
+                        st.sampled_from("\r\n\x0b\x0c\x1c\x85\u2028 \t"))
+_NAMES = st.text(_CHARACTERS, max_size=20)
 
 
 @given(
     st.sampled_from(logs.LEVEL_NAMES), st.integers(1, 2 ** 22), _NAMES,
-    st.text(st.characters(blacklist_categories=("Cs",))),
+    st.text(_CHARACTERS),
     st.sampled_from(["text", "json"]),
 )
 def test_a_rendered_line_parses_back_to_its_fields(level, pid, logger, message, log_format):
@@ -322,11 +324,11 @@ def test_a_rendered_line_parses_back_to_its_fields(level, pid, logger, message, 
         assert "\n" not in text
         expected_logger, expected_message = logger, message
     else:
-        first, *rest = text.split("\n")
+        first, *rest = text.splitlines()
         assert all(line.startswith("\t") for line in rest), text
         text = first
         expected_logger = "".join("_" if c.isspace() else c for c in logger) or "-"
-        expected_message = message.replace("\r\n", "\n").replace("\r", "\n").split("\n")[0]
+        expected_message = (message.splitlines() or [""])[0]
     fields = logs.parse_line(text)
     assert (fields["level"], fields["pid"], fields["logger"], fields["message"]) == (
         level, pid, expected_logger, expected_message)
