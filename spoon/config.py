@@ -46,8 +46,10 @@ __all__ = [
 
 #: Who reads a configuration: ``twistd spoon``, the ``spoon`` command (``python -m
 #: spoon.daemon``), the pool's supervisor (``python -m spoon.prefork``), ``python -m
-#: spoon.examples``.
-ENTRY_POINTS = ("twistd", "daemon", "prefork", "examples")
+#: spoon.examples``, and a server run from a program of its own (``script``:
+#: ``MyServer(address).serve_forever()``, no command line, so the class, ``SPOON_CONFIG``
+#: and the environment).
+ENTRY_POINTS = ("twistd", "daemon", "prefork", "examples", "script")
 
 #: Priority of each kind of source, lowest first.
 PRIORITY = {"default": 0, "class": 1, "file": 2, "env": 3, "option": 4}
@@ -218,7 +220,8 @@ def _timeout_setting(name, text):
     return Setting(
         name, _seconds, "%s [default: the class's %s]." % (text, name),
         flags=("--" + name.replace("_", "-"),), metavar="SECONDS", default=30.0,
-        from_class=_class_attribute(name), entry_points=("twistd", "daemon", "prefork"),
+        from_class=_class_attribute(name),
+        entry_points=("twistd", "daemon", "prefork", "script"),
     )
 
 
@@ -292,7 +295,7 @@ SETTINGS = (
         "Log file, appended to and reopened when logrotate moves it away [default: "
         "stderr]. Under twistd: twistd --logfile.",
         flags=("-L", "--log-file"), metavar="FILE", from_class=_class_default("log_file"),
-        entry_points=("daemon", "examples"),
+        entry_points=("daemon", "examples", "script"),
     ),
     Setting(
         "log_level", _choice(*LOG_LEVELS),
@@ -579,6 +582,7 @@ COMMANDS = {
     "daemon": "the spoon command",
     "prefork": "python -m spoon.prefork",
     "examples": "python -m spoon.examples",
+    "script": "a server's own program",
 }
 
 

@@ -486,9 +486,11 @@ def level_number(name):
     return getattr(logging, str(name).upper())
 
 
-def ensure_default_logging(logger_name=""):
+def ensure_default_logging(logger_name="", config=None):
     """Make a server run as a plain script (``MyServer(addr).serve_forever()`` and nothing
-    else) log its start and its errors to stderr at INFO, as twistd would, in spoon's format.
+    else) log its start and its errors, as twistd would, in spoon's format: to stderr at
+    INFO, or as ``config`` says (a :class:`spoon.config.Config`, e.g. the "script" entry
+    point's, where ``SPOON_LOG_FORMAT``, ``SPOON_LOG_LEVEL`` and ``SPOON_LOG_FILE`` apply).
 
     Does nothing when records of ``logger_name`` already reach a handler (the program, an
     entry point or a test framework configured logging).  Returns True when it set up the
@@ -496,7 +498,10 @@ def ensure_default_logging(logger_name=""):
     """
     if logging.getLogger(logger_name).hasHandlers():
         return False
-    setup_logging(level=logging.INFO)
+    if config is not None:
+        configure(config)
+    else:
+        setup_logging(level=logging.INFO)
     return True
 
 

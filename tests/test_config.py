@@ -17,6 +17,7 @@ import tempfile
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import config_servers
 from spoon import __version__, config
 from support import ROOT
 
@@ -327,3 +328,18 @@ def test_recorded_settings_build_the_same_configuration_again(tmp_path):
     assert c.errors == []
     again = config.build("daemon", {"config": toml(tmp_path, text)}, environ={})
     assert again.errors == [] and again.values == c.values
+
+
+def test_a_script_reads_the_class_then_the_file_then_the_environment(tmp_path):
+    path = toml(tmp_path, "workers = 5\ngraceful_timeout = 2.5\n")
+    c = config.build("script", environ={"SPOON_CONFIG": path, "SPOON_WORKERS": "6"},
+                     server_class=config_servers.DefaultsSpork)
+    assert c.errors == []
+    assert (c.workers, c.graceful_timeout, c.worker_timeout) == (6, 2.5, 11.0)
+    assert c.source("workers") == "env SPOON_WORKERS"
+    assert c.source("worker_timeout") == "class config_servers.DefaultsSpork.worker_timeout"
+    # What a script cannot use is ignored, with a warning.
+    c = config.build("script", environ={"SPOON_PORT": "1"}, server_class=config_servers.DefaultsSpork)
+    assert c.errors == [] and c.warnings == [
+        "env SPOON_PORT is ignored by a server's own program (it is for twistd spoon, "
+        "the spoon command, python -m spoon.examples)"]

@@ -338,12 +338,15 @@ def test_a_rendered_line_parses_back_to_its_fields(level, pid, logger, message, 
 
 PLAIN_SCRIPT = """
     import logging, sys
-    from spoon import logs
+    from spoon import config, logs
+    from spoon.examples import EchoServer
 
     if sys.argv[1] == "configured":
         logging.basicConfig(level=logging.INFO, format="%(name)s said %(message)s")
-    print(logs.ensure_default_logging("my-echo-server"))
+    settings = config.build("script", server_class=EchoServer) if sys.argv[1] == "env" else None
+    print(logs.ensure_default_logging("my-echo-server", settings))
     logging.getLogger("my-echo-server").info("listening on tcp 127.0.0.1:1")
+    logging.getLogger("my-echo-server").debug("debug detail")
 """
 
 
@@ -352,6 +355,15 @@ def test_a_plain_script_logs_its_start_to_stderr_by_default():
     assert result.stdout == "True\n"
     [(pid, name, level, message)] = parse(result.stderr, is_text=True)
     assert (name, level, message) == ("my-echo-server", "INFO", "listening on tcp 127.0.0.1:1")
+
+
+def test_a_plain_script_follows_the_spoon_environment_variables():
+    import json
+
+    result = run_python(PLAIN_SCRIPT, "env", env={"SPOON_LOG_FORMAT": "json", "SPOON_LOG_LEVEL": "debug"})
+    assert result.stdout == "True\n"
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [r["message"] for r in records] == ["listening on tcp 127.0.0.1:1", "debug detail"]
 
 
 def test_a_script_that_configured_logging_keeps_its_own():
