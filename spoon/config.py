@@ -400,6 +400,9 @@ class Config:
         self.entry_point = entry_point
         self.values = {}
         self.sources = {}
+        #: name -> the kind of source that set it (see PRIORITY), "derived" for endpoints
+        #: folded from port and interface.
+        self.kinds = {}
         self.errors = []
         self.warnings = []
         self.server_class = None
@@ -417,18 +420,13 @@ class Config:
         "file /etc/spoon.toml", "env SPOON_WORKERS", "option --spork"..."""
         return self.sources.get(name, "default")
 
-    @property
-    def ok(self):
-        return not self.errors
-
     def recorded(self):
         """The settings given by a file, the environment or the command line, as TOML text
         that :func:`build` reads back (``--config``) to the same values: what ``restart``
         needs to start the instance again as it was started."""
         lines = []
         for setting in SETTINGS:
-            source = self.sources.get(setting.name, "default")
-            if setting.name in self.values and not source.startswith(("class ", "default", "port and")):
+            if self.kinds.get(setting.name) in ("file", "env", "option"):
                 lines.append("%s = %s" % (setting.name, _toml_value(self.values[setting.name])))
         return "".join(line + "\n" for line in lines)
 
@@ -556,6 +554,7 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
             if setting.name in layer.values:
                 config.values[setting.name] = layer.values[setting.name]
                 config.sources[setting.name] = _source_text(layer, setting.name)
+                config.kinds[setting.name] = layer.kind
                 break
         else:
             if setting.default is not None:
@@ -564,8 +563,9 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
         if value is not None and name in command_line.values:
             config.values[name] = command_line.values[name]
             config.sources[name] = label
+            config.kinds[name] = "option"
 
-    _fold_endpoints(config, layers)
+    _fold_endpoints(config)
     _validate(config)
     return config
 
@@ -654,19 +654,16 @@ def _check_server(path, label, entry_point, errors):
     return obj
 
 
-def _fold_endpoints(config, layers):
+def _fold_endpoints(config):
     """The original's --port/--interface as an endpoint: used unless endpoints were given at
     the same or a higher priority than both."""
     if "endpoint" not in BY_NAME or config.entry_point not in BY_NAME["endpoint"].entry_points:
         return
 
     def level(name):
-        for layer in layers:
-            if name in layer.values:
-                return PRIORITY[layer.kind]
-        return 0
+        return PRIORITY.get(config.kinds.get(name), 0)
 
-    if "endpoint" in config.sources and level("endpoint") >= max(level("port"), level("interface")):
+    if "endpoint" in config.kinds and level("endpoint") >= max(level("port"), level("interface")):
         return
     datagram = config.server_class is not None and is_datagram_server_class(config.server_class)
     port, interface = config.values.get("port"), config.values.get("interface")
@@ -676,6 +673,7 @@ def _fold_endpoints(config, layers):
         "%s:%d:interface=%s" % ("udp" if datagram else "tcp", port, _escape(interface))
     ]
     config.sources["endpoint"] = "port and interface"
+    config.kinds["endpoint"] = "derived"
 
 
 def _escape(text):
