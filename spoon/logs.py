@@ -69,6 +69,7 @@ LINE = re.compile(
 #: Event keys with which a Twisted event names the process and time of a record written
 #: elsewhere (a stdlib record, or a line relayed from a pool's supervisor or worker).
 PID_KEY = "spoon_pid"
+TIME_KEY = "spoon_time"
 TRACEBACK_KEY = "spoon_traceback"
 _FROM_STDLIB = "spoon_from_stdlib"
 _FROM_TWISTED = "spoon_from_twisted"
@@ -139,9 +140,14 @@ def parse_line(text):
 def relayed_event(fields):
     """Keyword arguments for ``Logger(namespace=fields["logger"]).emit(
     twisted_level(fields["level"]), **relayed_event(fields))`` (``twisted.logger.Logger``)
-    that show a relayed record (from :func:`parse_line`) with its writer's pid."""
-    return {"format": "{spoon_text}", "spoon_text": fields["message"],
-            PID_KEY: int(fields["pid"]), TRACEBACK_KEY: fields.get("traceback")}
+    that show a relayed record (from :func:`parse_line`) with its writer's pid and time."""
+    event = {"format": "{spoon_text}", "spoon_text": fields["message"],
+             PID_KEY: int(fields["pid"]), TRACEBACK_KEY: fields.get("traceback")}
+    try:
+        event[TIME_KEY] = datetime.datetime.fromisoformat(fields["time"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        pass  # the relay's own time, then
+    return event
 
 
 def twisted_level(name):
@@ -189,7 +195,7 @@ def _event_fields(event):
         except Exception:
             traceback = repr(failure)
     return (
-        event.get("log_time") or 0.0,
+        event.get(TIME_KEY) or event.get("log_time") or 0.0,
         level,
         event.get(PID_KEY) or _pid_named_by_relay(event) or os.getpid(),
         namespace,

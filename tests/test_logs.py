@@ -251,7 +251,8 @@ ONE_PROCESS = """
     except KeyError:
         twisted_log.failure("twisted failed")
     legacy.msg("legacy message")
-    relayed = {"pid": 4242, "logger": "gen-server", "level": "INFO", "message": "relayed"}
+    relayed = {"pid": 4242, "logger": "gen-server", "level": "INFO", "message": "relayed",
+               "time": "2026-01-02T03:04:05.678+00:00"}
     Logger(namespace="gen-server").emit(LogLevel.info, **logs.relayed_event(relayed))
     server_log.debug("below the level")
     print(os.getpid())
@@ -296,6 +297,8 @@ def test_json_format_is_one_object_a_line_with_the_traceback_apart():
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert [(r["level"], r["logger"], r["message"]) for r in records] == EXPECTED
     assert [r["pid"] for r in records] == [pid] * 5 + [4242]
+    relayed_at = datetime.datetime.fromisoformat(records[-1]["time"])
+    assert relayed_at == datetime.datetime(2026, 1, 2, 3, 4, 5, 678000, datetime.timezone.utc)
     for record in records:
         assert {"time", "level", "pid", "logger", "message"} <= set(record)
         assert datetime.datetime.fromisoformat(record["time"]).tzinfo is not None
