@@ -1,14 +1,16 @@
 """The echo server of the original README, ready to run.
 
-``python -m spoon.examples [--port 30111] [--interface ::0]`` serves it in the foreground
-(Ctrl-C stops it); ``twistd -n spoon --server spoon.examples.EchoServer`` runs it as a
+``python -m spoon.examples [--port 30111] [--interface ::0] [-s N] [--log-format json]``
+serves it in the foreground (Ctrl-C stops it); ``twistd -n spoon --server spoon.examples.EchoServer`` runs it as a
 daemon.
 """
 
 import argparse
-import logging
+import sys
 
 import spoon.server
+from spoon import config, logs
+from spoon.endpoints import format_address
 
 
 class RequestHandler(spoon.server.Gulp):
@@ -31,20 +33,37 @@ class EchoServerForked(EchoServer, spoon.server.TCPSpork):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-P", "--port", type=int, default=30111)
-    parser.add_argument("-I", "--interface", default="::0")
-    parser.add_argument("--forked", action="store_true", help="pre-fork workers")
+    """``python -m spoon.examples``: the echo server in the foreground, configured like every
+    entry point (options, ``SPOON_*`` variables, ``--config``; see :mod:`spoon.config`)."""
+    parser = argparse.ArgumentParser(prog="python -m spoon.examples", description=__doc__.splitlines()[0])
+    parser.add_argument("--forked", action="store_true",
+                        help="serve EchoServerForked (pre-forked, 2 workers unless -s says otherwise)")
+    config.add_arguments(parser, "examples")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(process)d] %(name)s: %(message)s")
-    klass = EchoServerForked if args.forked else EchoServer
-    server = klass((args.interface, args.port))
-    server.log.info("%s listening on %s", klass.__name__, server.server_address[:2])
+    settings = config.from_arguments(args, "examples", server_class=EchoServerForked if args.forked else EchoServer)
+    if not args.forked and settings.workers > 1:
+        settings = config.from_arguments(args, "examples", server_class=EchoServerForked)
+    status = config.check_and_print(settings)
+    if status is not None:
+        return status
+    if settings.errors:
+        parser.error("\n".join(settings.errors))
+    logs.configure(settings)
+    klass = settings.server_class
+    server = klass((settings.interface, settings.port))
+    if settings.workers > 1:
+        server.prefork = settings.workers
+    server.log.info("%s listening on %s", klass.__name__, format_address(server.server_address))
     try:
         server.serve_forever()
     finally:
         server.server_close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    # Run the module's importable copy, so that the classes are named spoon.examples.*
+    # (in messages, --print-config, and for the pool's workers), not __main__.*.
+    from spoon.examples import main as importable_main
+
+    sys.exit(importable_main())

@@ -11,188 +11,35 @@ TERM stops gracefully, USR1 reloads the configuration (and still rotates ``--log
 HUP restarts the workers one by one (reloads, without pre-forking).
 """
 
-import logging
 import os
 import signal
-import sys
 
 from twisted.application import service
-from twisted.logger import Logger, LogLevel, globalLogPublisher
-from twisted.python import usage
+from twisted.logger import ILogObserver, Logger
 
-from spoon.endpoints import parse_socket_endpoint
+from spoon import config as spoon_config
+from spoon import logs
 from spoon.service import PreforkService, ServeService
-from spoon.targets import TargetError, build_server, resolve
+from spoon.targets import build_server
 
-__all__ = ["Options", "makeService", "SpoonMultiService", "StdlibToTwistedHandler"]
+__all__ = ["Options", "makeService", "SpoonMultiService"]
 
-
-def _escape(text):
-    return str(text).replace("\\", "\\\\").replace(":", "\\:")
-
-
-class Options(usage.Options):
-    synopsis = "--server package.module.ServerClass [options]"
-    longdesc = (
-        "Run a spoon server class (a TCPSpoon, UDPSpoon, TCPSpork or UDPSpork subclass). "
-        "With --spork N > 1 a supervisor pre-forks N workers sharing the listening socket, "
-        "which twistd binds before dropping privileges (--uid/--gid); with --spork 1 the "
-        "server runs in twistd's own process. Signals to twistd: TERM graceful stop, "
-        "USR1 reload configuration in every worker (and rotate --logfile), "
-        "HUP rolling restart of the workers."
-    )
-    optParameters = [
-        ["server", None, None, "Dotted path of the spoon server class to run (required), "
-         "e.g. spoon.examples.EchoServer."],
-        ["port", "P", None, "Port to listen on [default: the class's "
-         "command_line_defaults['port']].", int],
-        ["interface", "I", None, "Interface (address) to listen on [default: the class's "
-         "command_line_defaults['interface']]; an IPv6 address serves IPv4 too unless the "
-         "class sets ipv6_only."],
-        ["spork", "s", None, "Pre-fork N worker processes [default: the class's prefork "
-         "for a Spork, 1 for a Spoon]; 1 serves in twistd's own process.", int],
-        ["graceful-timeout", None, None, "Seconds a graceful stop waits for in-flight "
-         "requests before closing them [default: the class's graceful_timeout].", float],
-        ["worker-timeout", None, None, "Seconds without a heartbeat after which a "
-         "pre-forked worker is killed and replaced [default: the class's worker_timeout].",
-         float],
-    ]
-
-    def __init__(self):
-        usage.Options.__init__(self)
-        self["endpoint"] = []
-
-    def opt_endpoint(self, description):
-        """Twisted server endpoint string to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable; overrides --port/--interface). With --spork N > 1 only tcp:, tcp6: and udp: endpoints (a socket twistd binds and hands to the workers); udp: is for UDP servers."""
-        self["endpoint"].append(description)
-
-    opt_e = opt_endpoint
-
-    def postOptions(self):
-        path = self["server"]
-        if not path:
-            raise usage.UsageError(
-                "--server is required: the dotted path of a spoon server class, "
-                "e.g. --server spoon.examples.EchoServer"
-            )
-        # Like "python -m": modules of the current directory can be named.
-        cwd = os.getcwd()
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
-        self["python_path"] = [cwd]
-        try:
-            klass = resolve(path)
-        except TargetError as e:
-            raise usage.UsageError("--server: %s" % e) from None
-        from spoon import server as spoon_server
-
-        spoon_classes = (
-            spoon_server.TCPSpoon,
-            spoon_server.UDPSpoon,
-            spoon_server.TCPSpork,
-            spoon_server.UDPSpork,
-        )
-        if not (isinstance(klass, type) and issubclass(klass, spoon_classes)):
-            raise usage.UsageError(
-                "--server %r is not a spoon server class (a subclass of TCPSpoon, UDPSpoon, "
-                "TCPSpork or UDPSpork): it is %r" % (path, klass)
-            )
-        self["klass"] = klass
-        datagram = issubclass(klass, (spoon_server.UDPSpoon, spoon_server.UDPSpork))
-        defaults = dict(getattr(klass, "command_line_defaults", None) or {})
-        if self["port"] is None:
-            self["port"] = int(defaults.get("port", 5000))
-        if self["interface"] is None:
-            self["interface"] = defaults.get("interface") or "::0"
-        if self["spork"] is None:
-            spork = defaults.get("spork")
-            if spork is None:
-                spork = getattr(klass, "prefork", 1) if issubclass(klass, (spoon_server.TCPSpork, spoon_server.UDPSpork)) else 1
-            self["spork"] = int(spork)
-        if self["spork"] < 1:
-            raise usage.UsageError("--spork must be at least 1")
-        if not self["endpoint"]:
-            self["endpoint"] = [
-                "%s:%d:interface=%s" % ("udp" if datagram else "tcp", self["port"], _escape(self["interface"]))
-            ]
-        for description in self["endpoint"]:
-            try:
-                spec = parse_socket_endpoint(description)
-            except ValueError as e:
-                raise usage.UsageError("--endpoint: %s" % e) from None
-            if datagram and (spec is None or not spec.datagram):
-                raise usage.UsageError(
-                    "--endpoint %r: %s is a UDP server, it needs udp:PORT[:interface=HOST]"
-                    % (description, path)
-                )
-            if not datagram and spec is not None and spec.datagram:
-                raise usage.UsageError("--endpoint %r: %s is a TCP server" % (description, path))
-            if spec is None and self["spork"] > 1:
-                raise usage.UsageError(
-                    "--endpoint %r cannot be pre-forked: with --spork %d only tcp:, tcp6: "
-                    "and udp: endpoints name a socket twistd can bind and hand to the "
-                    "workers (use --spork 1 to serve it in twistd's process)"
-                    % (description, self["spork"])
-                )
-
-
-# -- logging --------------------------------------------------------------------------------
-
-_LEVELS = [
-    (logging.CRITICAL, LogLevel.critical),
-    (logging.ERROR, LogLevel.error),
-    (logging.WARNING, LogLevel.warn),
-    (logging.INFO, LogLevel.info),
-]
-
-
-class StdlibToTwistedHandler(logging.Handler):
-    """Forward stdlib ``logging`` records (the server's ``server_logger``) to Twisted's log,
-    so that they land in twistd's log file next to Twisted's own events."""
-
-    def emit(self, record):
-        try:
-            text = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        level = LogLevel.debug
-        for threshold, twisted_level in _LEVELS:
-            if record.levelno >= threshold:
-                level = twisted_level
-                break
-        Logger(namespace=record.name).emit(
-            level, "{text}", text=text, log_system="%s#%s pid=%d" % (record.name, level.name, record.process)
-        )
-
-
-def _add_pid(event):
-    """Observer placed before twistd's own: adds this process's pid to the "system" part of
-    every Twisted event line (relayed pool lines already carry theirs)."""
-    if event.get("spoon_pid_in_text") or "pid=" in str(event.get("log_system", "")):
-        return
-    system = event.get("log_system")
-    if system is None:
-        level = event.get("log_level")
-        system = "%s#%s" % (event.get("log_namespace", "-"), level.name if level is not None else "-")
-    event["log_system"] = "%s pid=%d" % (system, os.getpid())
-
-
-_logging_set_up = False
-
-
-def _set_up_logging(klass):
-    global _logging_set_up
-    if _logging_set_up:
-        return
-    _logging_set_up = True
-    globalLogPublisher.addObserver(_add_pid)
-    logger = logging.getLogger(getattr(klass, "server_logger", "spoon-server"))
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
-    handler = StdlibToTwistedHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
+#: ``twistd spoon``'s options, generated from :data:`spoon.config.SETTINGS`: ``--server``,
+#: ``-P/--port``, ``-I/--interface``, ``-e/--endpoint``, ``-s/--spork``, the timeouts, the
+#: log level and format, ``--config``, ``--check-config``, ``--print-config``, ``--version``.
+#: twistd's own ``--reactor``, ``--uid``, ``--gid``, ``--pidfile`` and ``--logfile`` are
+#: settings too (see :func:`spoon.config.build`'s ``host``).
+Options = spoon_config.twisted_options("twistd")
+Options.synopsis = "--server package.module.ServerClass [options]"
+Options.longdesc = (
+    "Run a spoon server class (a TCPSpoon, UDPSpoon, TCPSpork or UDPSpork subclass). "
+    "With --spork N > 1 a supervisor pre-forks N workers sharing the listening socket, "
+    "which twistd binds before dropping privileges (--uid/--gid); with --spork 1 the "
+    "server runs in twistd's own process. Settings also come from a TOML file (--config) "
+    "and SPOON_* environment variables. Signals to twistd: TERM graceful stop, "
+    "USR1 reload configuration in every worker (and rotate --logfile), "
+    "HUP rolling restart of the workers."
+)
 
 
 # -- signals --------------------------------------------------------------------------------
@@ -211,9 +58,13 @@ class SpoonMultiService(service.MultiService):
 
     RELAYED = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
-    def __init__(self, reactor=None):
+    def __init__(self, reactor=None, log_observer=None, log_file=None):
         service.MultiService.__init__(self)
         self._reactor = reactor
+        #: Given to twistd as the application's ``ILogObserver`` (spoon's line format) in
+        #: place of its own, whose SIGUSR1 rotation of ``log_file`` this service then does.
+        self.log_observer = log_observer
+        self.log_file = log_file
         self._set_aside = {}
         self._previous = {}
         self.log = Logger(namespace="spoon")
@@ -230,6 +81,15 @@ class SpoonMultiService(service.MultiService):
 
             self._reactor = reactor
         return self._reactor
+
+    def setServiceParent(self, parent):
+        """twistd makes the application and adds this service to it, then starts its log
+        with the application's ``ILogObserver`` component when there is one: this is the
+        moment to set it."""
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.log_observer)
+        return service.MultiService.setServiceParent(self, parent)
 
     def startService(self):
         service.MultiService.startService(self)
@@ -270,7 +130,10 @@ class SpoonMultiService(service.MultiService):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def reload(self):
-        """SIGUSR1: load_config() in every worker (or in the single server)."""
+        """SIGUSR1: load_config() in every worker (or in the single server), after rotating
+        twistd's log file when spoon's observer writes it (as twistd's own would)."""
+        if self.log_file is not None:
+            self.log_file.rotate()
         self.log.info("SIGUSR1: reloading the configuration")
         for child in self:
             try:
@@ -309,30 +172,33 @@ class SpoonMultiService(service.MultiService):
 
 
 def makeService(options):
-    """Build the ``twistd spoon`` service tree from parsed :class:`Options`."""
-    klass = options["klass"]
-    _set_up_logging(klass)
-    top = SpoonMultiService()
-    graceful = options["graceful-timeout"]
-    # twistd drops privileges (--uid/--gid) between privilegedStartService and
-    # startService; the pool switches user in its supervisor (see PreforkService).
-    parent = getattr(options, "parent", None) or {}
-    uid, gid = parent.get("uid"), parent.get("gid")
-    if options["spork"] > 1:
-        for description in options["endpoint"]:
+    """Build the ``twistd spoon`` service tree from parsed :class:`Options` (its
+    ``options.config``)."""
+    config = options.config
+    parent = getattr(options, "parent", None)
+    level = logs.level_number(config.log_level)
+    observer = log_file = None
+    if parent is not None and not parent.get("logger"):
+        observer, log_file = logs.twistd_observer(parent, config.log_format, level)
+    logs.forward_stdlib_to_twisted(level)
+    top = SpoonMultiService(log_observer=observer, log_file=log_file)
+    if config.workers > 1:
+        # twistd drops privileges (--uid/--gid) between privilegedStartService and
+        # startService; the pool switches user in its supervisor (see PreforkService).
+        for description in config.endpoint:
             PreforkService(
-                options["server"],
+                config.server,
                 description,
-                workers=options["spork"],
-                graceful_timeout=graceful,
-                worker_timeout=options["worker-timeout"],
-                python_path=options.get("python_path", ()),
-                uid=uid,
-                gid=gid,
+                workers=config.workers,
+                graceful_timeout=config.graceful_timeout,
+                worker_timeout=config.worker_timeout,
+                python_path=[os.getcwd()],
+                uid=config.uid,
+                gid=config.gid,
                 # twistd --reactor NAME: the workers run the same kind of reactor.
-                reactor_name=parent.get("reactor") or None,
+                reactor_name=config.reactor,
             ).setServiceParent(top)
     else:
-        server = build_server(klass, (options["interface"], options["port"]))
-        ServeService(server, options["endpoint"], graceful_timeout=graceful).setServiceParent(top)
+        server = build_server(config.server_class, (config.interface, config.port))
+        ServeService(server, config.endpoint, graceful_timeout=config.graceful_timeout).setServiceParent(top)
     return top

@@ -21,6 +21,14 @@ from spoon.linux import process_ids, process_stat
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+#: One line of spoon's text log format (README "Logging"), written independently of
+#: ``spoon.logs`` so that a change of the format there fails the tests: groups time, level,
+#: pid, logger, message.  A line starting with a tab continues the record above it.
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d) "
+    r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) \[(\d+)\] (\S+): (.*)$"
+)
+
 
 def wait_for(condition, timeout=10.0, interval=0.01, what=None):
     """Poll ``condition()`` until it returns a true value; return that value.
@@ -451,16 +459,13 @@ def bound_client(host, kind=socket.SOCK_STREAM, timeout=5.0):
     return sock
 
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] (\S+) (\w+): (.*)$")
-
-
 def lines_matching(path, name, text):
     """(pid, message) of the log lines from logger ``name`` containing ``text``."""
     found = []
     for line in log_lines(path):
         match = LOG_LINE.match(line)
-        if match and match.group(2) == name and text in match.group(4):
-            found.append((int(match.group(1)), match.group(4)))
+        if match and match.group(4) == name and text in match.group(5):
+            found.append((int(match.group(3)), match.group(5)))
     return found
 
 

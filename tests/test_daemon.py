@@ -68,7 +68,7 @@ def test_start_serve_reload_stop(daemons):
     # (the reload was polled for: "gen" was asked at least twice)
     handled = [p for p, _ in lines_matching(daemons.log_file, "probe-server", "handled 'gen'")]
     assert len(handled) >= 2 and set(handled) == {pid}
-    seen = [p for p, _ in lines_matching(daemons.log_file, "twisted", "twisted saw gen")]
+    seen = [p for p, _ in lines_matching(daemons.log_file, "probe.twisted", "twisted saw gen")]
     assert len(seen) == len(handled) and set(seen) == {pid}
     assert lines_matching(daemons.log_file, "probe-server", "SIGUSR1 received")[0][0] == pid
     assert lines_matching(daemons.log_file, "probe-server", "SIGTERM received")[0][0] == pid
@@ -182,7 +182,7 @@ def test_log_file_survives_logrotate_move_and_create(daemons):
     assert lines_matching(daemons.log_file, "probe-server", "handled 'after'") == [
         (pid, "handled 'after'")
     ]
-    assert lines_matching(daemons.log_file, "twisted", "twisted saw after") == [
+    assert lines_matching(daemons.log_file, "probe.twisted", "twisted saw after") == [
         (pid, "twisted saw after")
     ]
     assert not lines_matching(rotated, "probe-server", "handled 'after'")
@@ -216,10 +216,10 @@ def test_foreground_writes_pid_file_and_logs_to_stderr(daemons):
     assert not os.path.exists(daemons.pid_file)
     lines = err.decode().splitlines()
     assert any(
-        LOG_LINE.match(line) and "[%d] probe-server INFO: handled 'gen'" % proc.pid in line
+        LOG_LINE.match(line) and "INFO [%d] probe-server: handled 'gen'" % proc.pid in line
         for line in lines
     ), err
-    assert any("[%d] twisted INFO: twisted saw gen" % proc.pid in line for line in lines), err
+    assert any("INFO [%d] probe.twisted: twisted saw gen" % proc.pid in line for line in lines), err
 
 
 # -- pre-forked pools (and the Spork class default: the original crashed on int(None)) ----------
@@ -253,7 +253,7 @@ def test_spork_pool_start_reload_stop(daemons):
     assert lines_matching(daemons.log_file, "probe-server", "Starting")[0][0] == master
     handled = {p for p, _ in lines_matching(daemons.log_file, "probe-server", "handled")}
     assert handled and handled <= set(workers)
-    seen = {p for p, _ in lines_matching(daemons.log_file, "twisted", "twisted saw")}
+    seen = {p for p, _ in lines_matching(daemons.log_file, "probe.twisted", "twisted saw")}
     assert seen and seen <= set(workers)
     for line in log_lines(daemons.log_file):
         assert LOG_LINE.match(line), line

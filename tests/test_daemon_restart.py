@@ -51,7 +51,7 @@ def test_the_readme_sequence_keeps_logging_to_the_same_file(daemons):
     _logged(log, "Starting probe_servers.ProbeServer", second)
     assert daemons.ask(daemons.port(), "two") == "two\n\n"
     _logged(log, "handled 'two'", second)
-    _logged(log, "twisted saw two", second, name="twisted")
+    _logged(log, "twisted saw two", second, name="probe.twisted")
 
     result = daemons.run("stop", "-p", daemons.pid_file)
     assert result.returncode == 0, result.stderr

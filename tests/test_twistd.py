@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from support import HERE, children_of, pid_alive, request, wait_for
+from support import HERE, LOG_LINE, children_of, pid_alive, request, wait_for
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -284,7 +284,7 @@ def test_single_process_foreground_reload_rotate_and_graceful_stop(twistd):
     wait_for(lambda: ask(port)[1] == 3, 20, what="generation 3 after HUP")
 
     ask(port, b"log")
-    wait_for(lambda: re.search(r"gen-server#info pid=%d\] request logged by the handler" % run.pid, run.log()),
+    wait_for(lambda: re.search(r"INFO \[%d\] gen-server: request logged by the handler" % run.pid, run.log()),
              10, what="the stdlib record in twistd's log with its pid")
 
     # An in-flight request finishes; twistd exits once it has.
@@ -396,9 +396,9 @@ def test_prefork_daemon_serve_reload_rolling_restart_under_load_and_stop(twistd)
     # Every line in the log carries a pid: twistd's own and the pool's relayed ones.
     text = open(run.logfile).read() + open(run.logfile + ".1").read()
     for worker_pid in workers:
-        assert "[gen-server#info pid=%d] config generation 2" % worker_pid in text, text
+        assert "INFO [%d] gen-server: config generation 2" % worker_pid in text, text
     for line in text.splitlines():
-        assert re.search(r"^\S+ \[\S+ pid=\d+\] ", line), line
+        assert LOG_LINE.match(line) or line.startswith("\t"), line
 
     # TERM: graceful stop of everything, in-flight requests included.
     client = SlowRequest(port, 1)
@@ -544,3 +544,134 @@ def test_prefork_on_two_endpoints_runs_a_pool_per_socket(twistd):
     run.processes()
     run.signal(signal.SIGTERM)
     print("TERM stop of twistd + 2 supervisors + 4 idle workers: %.2fs" % run.wait_gone())
+
+
+# -- configuration and log format ---------------------------------------------------------------
+
+
+def _twistd_once(workdir, spoon_args, env=None):
+    """twistd as a daemon would start (no -n), for options that must exit before it does."""
+    return subprocess.run(
+        [TWISTD, "--pidfile", os.path.join(workdir, "twistd.pid"),
+         "--logfile", os.path.join(workdir, "twistd.log"), "spoon"] + spoon_args,
+        cwd=workdir, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=HERE, **(env or {})),
+    )
+
+
+def test_version_check_and_print_config_exit_before_twistd_binds_or_daemonises(workdir):
+    from spoon import __version__
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    server = ["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", str(port)]
+    try:
+        done = _twistd_once(workdir, ["--version"])
+        assert (done.returncode, done.stdout) == (0, "spoon %s\n" % __version__), done.stderr
+
+        # The port is taken by this test: binding it would fail, daemonising would return 0
+        # with no output on the terminal and leave a pid file and a log.
+        done = _twistd_once(workdir, server + ["--check-config"])
+        assert (done.returncode, done.stdout) == (0, "configuration OK: test_service_apps.GenerationSpork\n"), done.stderr
+
+        done = _twistd_once(workdir, server + ["--print-config"], env={"SPOON_WORKERS": "3"})
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert "workers = 3  (env SPOON_WORKERS)" in lines, lines
+        assert "port = %d  (option --port)" % port in lines, lines
+        assert 'pid_file = "%s"  (twistd --pidfile)' % os.path.join(workdir, "twistd.pid") in lines, lines
+
+        bad = os.path.join(workdir, "bad.toml")
+        with open(bad, "w") as f:
+            f.write('workers = 0\nlog_format = "xml"\n')
+        done = _twistd_once(workdir, server + ["--config", bad, "--graceful-timeout", "x", "--check-config"])
+        assert done.returncode == 2
+        assert done.stderr.splitlines() == [
+            "3 configuration error(s):",
+            "  --graceful-timeout: must be a number of seconds, not 'x'",
+            "  %s line 1: workers: must be at least 1, not 0" % bad,
+            "  %s line 2: log_format: must be one of text, json, not 'xml'" % bad,
+        ]
+        assert sorted(os.listdir(workdir)) == ["bad.toml"]
+    finally:
+        held.close()
+
+
+BOOM_APP = """
+from test_service_apps import GenerationSpoon, Report
+
+
+class Boom(Report):
+    def handle(self):
+        if self.rfile.readline().strip() == b"boom":
+            raise ValueError("boom from the handler")
+        self.wfile.write(b"fine\\n")
+
+
+class BoomSpoon(GenerationSpoon):
+    handler_klass = Boom
+"""
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_line_of_twistds_log_has_spoons_format(twistd, workdir, log_format):
+    """twistd's own lines, Twisted's events and the server's stdlib records (a traceback
+    too): one shape, in text or in JSON."""
+    import datetime
+    import json
+
+    with open(os.path.join(workdir, "boom_app.py"), "w") as f:
+        f.write(BOOM_APP)
+    run = twistd(["--server", "boom_app.BoomSpoon", "-I", "127.0.0.1", "-P", "0",
+                  "--log-format", log_format])
+    port = run.port()
+    assert request(("127.0.0.1", port), b"fine\n", timeout=10) == b"fine\n"
+    request(("127.0.0.1", port), b"boom\n", timeout=10)
+    wait_for(lambda: "boom from the handler" in run.log(), 20, what="the traceback in the log")
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
+    lines = run.log().splitlines()
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]
+    else:
+        records = []
+        for line in lines:
+            match = LOG_LINE.match(line)
+            if match is None:
+                assert line.startswith("\t") and records, line
+                records[-1].setdefault("traceback", []).append(line[1:])
+                continue
+            time, level, pid, logger, message = match.groups()
+            records.append(dict(time=time, level=level, pid=int(pid), logger=logger, message=message))
+        for record in records:
+            if "traceback" in record:
+                record["traceback"] = "\n".join(record["traceback"])
+    # Until twistd daemonises its lines carry the pid of the process that was started.
+    launcher = records[0]["pid"]
+    for record in records:
+        assert datetime.datetime.fromisoformat(record["time"]).tzinfo is not None
+        assert record["pid"] in (launcher, run.pid), record
+    assert [r["pid"] for r in records if "listening on" in r["message"]] == [run.pid]
+    assert any(r["message"].startswith("twistd ") and "starting up" in r["message"]
+               and r["logger"].startswith("twisted.") for r in records), records
+    assert any(r["logger"] == "gen-server" and r["message"] == "config generation 1" for r in records)
+    [failure] = [r for r in records if "traceback" in r]
+    assert (failure["level"], failure["logger"], failure["pid"]) == ("ERROR", "gen-server", run.pid)
+    assert failure["traceback"].splitlines()[-1] == "ValueError: boom from the handler"
+
+
+def test_json_log_of_a_pool_keeps_the_pid_of_each_writer(twistd):
+    import json
+
+    run = twistd(["--server", "test_service_apps.GenerationSpork", "-I", "127.0.0.1", "-P", "0",
+                  "-s", "2", "--log-format", "json"])
+    wait_for(lambda: len(_worker_pids(run)) == 2, 30, what="2 workers")
+    [supervisor] = children_of(run.pid)
+    run.signal(signal.SIGTERM)
+    run.wait_gone()
+    records = [json.loads(line) for line in run.log().splitlines()]
+    generation = [r for r in records if r["message"] == "config generation 1"]
+    assert generation and {r["pid"] for r in generation} == {supervisor}, generation
+    assert {r["pid"] for r in records} >= {run.pid, supervisor}
