@@ -6,7 +6,7 @@ for each way of accepting connections, the requests completed per worker, max/mi
 latency percentiles and each worker's CPU use:
 
 - ``twisted``: Twisted's own ``tcp.Port`` (``adoptStreamPort``): many accepts per wake-up;
-- ``one-by-one``: what spoon servers use (``spoon.balance``): a connection is accepted
+- ``one-by-one``: what spoon servers use (``spoon.listener``): a connection is accepted
   only while the worker is not busy with another one.
 
 Two load shapes: ``closed-loop`` (each client sends its next request when it has its reply)
@@ -43,15 +43,15 @@ KIND = %(kind)r
 
 # Instrumentation (this benchmark only): how many connections each wake-up of the
 # listening socket accepted.
-import spoon.adapter, spoon.balance
+import spoon.greenio, spoon.listener
 from twisted.internet import tcp
 built = [0]
 batches = []
-_build = spoon.adapter.GulpFactory.buildProtocol
+_build = spoon.greenio.GulpFactory.buildProtocol
 def buildProtocol(self, addr):
     built[0] += 1
     return _build(self, addr)
-spoon.adapter.GulpFactory.buildProtocol = buildProtocol
+spoon.greenio.GulpFactory.buildProtocol = buildProtocol
 def counted(method):
     def wrapper(self, *args):
         before = built[0]
@@ -62,8 +62,8 @@ def counted(method):
                 batches.append(built[0] - before)
     return wrapper
 tcp.Port.doRead = counted(tcp.Port.doRead)
-spoon.balance.OneByOnePort.doRead = counted(spoon.balance.OneByOnePort.doRead)
-spoon.balance.OneByOnePort._accept_later = counted(spoon.balance.OneByOnePort._accept_later)
+spoon.listener.OneByOnePort.doRead = counted(spoon.listener.OneByOnePort.doRead)
+spoon.listener.OneByOnePort._accept_later = counted(spoon.listener.OneByOnePort._accept_later)
 
 class Handler(spoon.server.Gulp):
     def handle(self):

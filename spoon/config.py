@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 
 from spoon import __version__
-from spoon.endpoints import parse_socket_endpoint
+from spoon.net import parse_socket_endpoint
 from spoon.targets import TargetError, is_datagram_server_class, is_server_class, resolve
 
 __all__ = [

@@ -464,12 +464,11 @@ def _user(options):
     """(uid, gid, name) to switch to after binding, or None when none was asked for."""
     if options.uid is None and options.gid is None:
         return None
-    from spoon import prefork
+    from spoon.pool.cli import user_ids
 
     try:
-        # spoon.prefork's resolution, so that --uid/--gid mean the same in every entry
-        # point.  (It is private there today; it should become public.)
-        uid, gid, name = prefork._user_ids(options.uid, options.gid)
+        # The pool's resolution, so that --uid/--gid mean the same in every entry point.
+        uid, gid, name = user_ids(options.uid, options.gid)
     except (KeyError, ValueError) as e:
         given = " ".join(
             "--%s %s" % (name, getattr(options, name))
@@ -482,9 +481,9 @@ def _user(options):
     return uid, gid, name
 
 
-#: Imported before switching user beyond :data:`spoon.prefork.PRELOAD_BEFORE_SWITCH`, which
+#: Imported before switching user beyond :data:`spoon.pool.cli.PRELOAD_BEFORE_SWITCH`, which
 #: lacks it today: what a Gulp server imports when it starts listening.
-PRELOAD_BEFORE_SWITCH = ("spoon.lean",)
+PRELOAD_BEFORE_SWITCH = ("spoon.transport",)
 
 
 def _become(user, server, pooled):
@@ -494,12 +493,12 @@ def _become(user, server, pooled):
     A process that serves alone installs its reactor now (``serve_forever`` would, a
     moment later).  A pool's supervisor must not: it forks workers, which install theirs.
     """
-    from spoon import prefork, worker
+    from spoon.pool import cli, worker
 
-    worker.preload(prefork.PRELOAD_BEFORE_SWITCH + PRELOAD_BEFORE_SWITCH)
+    worker.preload(cli.PRELOAD_BEFORE_SWITCH + PRELOAD_BEFORE_SWITCH)
     if not pooled:
         import twisted.internet.reactor  # noqa: F401
-    prefork.switch_user(*user)
+    cli.switch_user(*user)
     server.log.info("Running as uid %d gid %d", os.getuid(), os.getgid())
 
 
@@ -539,7 +538,7 @@ def _start(options, klass):
     elif workers is not None and workers > 1:
         # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
         # same supervisor, around this server's socket.
-        from spoon.prefork import Supervisor
+        from spoon.pool.supervisor import Supervisor
 
         def serve_pool():
             Supervisor(server, workers=workers).run()

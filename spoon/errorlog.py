@@ -25,7 +25,7 @@ MAX_TRACKED = 1024
 def peer_fault(exc):
     """A few words saying what the peer did, when ``exc`` is the peer's doing (not a bug
     of the server); None otherwise."""
-    from spoon.adapter import LineTooLong
+    from spoon.greenio import LineTooLong
 
     if isinstance(exc, ConnectionResetError):
         return "connection reset by the client"

@@ -10,7 +10,7 @@ import sys
 
 import spoon.server
 from spoon import config, logs
-from spoon.endpoints import format_address
+from spoon.net import format_address
 
 
 class RequestHandler(spoon.server.Gulp):

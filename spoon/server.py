@@ -24,7 +24,7 @@ import time
 from twisted.internet import defer
 from zope.interface import implementer
 
-from spoon import adapter, balance, errorlog, lifecycle
+from spoon import errorlog, greenio, lifecycle, listener
 from spoon.pool.target import IPoolTarget
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
@@ -40,7 +40,7 @@ __all__ = [
     "LineTooLong",
 ]
 
-LineTooLong = adapter.LineTooLong
+LineTooLong = greenio.LineTooLong
 
 
 class _Gulp:
@@ -53,7 +53,7 @@ class _Gulp:
         """Suspend this handler until ``deferred`` fires and return its result (or raise
         its failure).  The reactor and the other connections carry on meanwhile."""
         reactor = getattr(getattr(self.server, "_factory", None), "reactor", None)
-        return adapter.wait(deferred, reactor)
+        return greenio.wait(deferred, reactor)
 
 
 class TCPGulp(_Gulp, socketserver.StreamRequestHandler):
@@ -66,12 +66,12 @@ class TCPGulp(_Gulp, socketserver.StreamRequestHandler):
     """
 
     timeout = None
-    max_line_length = adapter.DEFAULT_MAX_LINE_LENGTH
-    read_high_water = adapter.DEFAULT_READ_HIGH_WATER
+    max_line_length = greenio.DEFAULT_MAX_LINE_LENGTH
+    read_high_water = greenio.DEFAULT_READ_HIGH_WATER
 
     def setup(self):
         connection = self.connection = self.request
-        if not isinstance(connection, adapter.GreenSocket):
+        if not isinstance(connection, greenio.GreenSocket):
             # Used with a real socket (e.g. under stdlib socketserver): plain behaviour.
             return super().setup()
         if self.timeout is not None:
@@ -380,17 +380,17 @@ class _SpoonMixIn:
     def protocol_factory(self, reactor=None):
         """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
         this server; listen with it on any endpoint of a running reactor."""
-        return adapter.GulpFactory(self, reactor, self.log, lazy_start=self.client_speaks_first)
+        return greenio.GulpFactory(self, reactor, self.log, lazy_start=self.client_speaks_first)
 
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
         self._factory = self.protocol_factory(reactor)
         # One process: accept at once; a pool worker serves with shared=True (one by one).
-        self._port = balance.listen_one_by_one(
+        self._port = listener.listen_one_by_one(
             self.socket,
             self._factory,
             reactor,
-            balance.serve_gulp(self._factory, reactor),
+            listener.serve_gulp(self._factory, reactor),
             shared=self._accept_shared,
         )
 
@@ -655,7 +655,7 @@ class _DatagramMixIn:
     handler_klass = UDPGulp
 
     def protocol_factory(self, reactor=None):
-        return adapter.GulpDatagramProtocol(self, reactor)
+        return greenio.GulpDatagramProtocol(self, reactor)
 
     def _listen(self, reactor):
         self._factory = self.protocol_factory(reactor)
@@ -671,7 +671,7 @@ class _DatagramMixIn:
         """socketserver's datagram ``get_request``, refusing a truncated datagram."""
         data, client_address = self.socket.recvfrom(self.max_packet_size + 1)
         if len(data) > self.max_packet_size:
-            adapter.report_truncated(self.log, client_address, self.max_packet_size)
+            greenio.report_truncated(self.log, client_address, self.max_packet_size)
             raise OSError("datagram larger than max_packet_size")
         return (data, self.socket), client_address
 

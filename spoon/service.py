@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 
-from spoon.endpoints import (
+from spoon.net import (
     SocketSpec,
     bind_socket,
     format_address,
@@ -628,14 +628,14 @@ class ServeService(service.Service):
     def _listen_stream(self, sock):
         """Gulp servers get spoon's lean transport, as under ``serve_forever()``; any
         other factory a server class returns gets Twisted's own."""
-        from spoon import adapter, balance
+        from spoon import greenio, listener
 
-        if isinstance(self.factory, adapter.GulpFactory):
-            return balance.listen_one_by_one(
+        if isinstance(self.factory, greenio.GulpFactory):
+            return listener.listen_one_by_one(
                 sock,
                 self.factory,
                 self.reactor,
-                balance.serve_gulp(self.factory, self.reactor),
+                listener.serve_gulp(self.factory, self.reactor),
                 shared=False,
             )
         return self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)

@@ -135,7 +135,7 @@ def test_wheel_holds_spoon_and_the_plugin_only(wheel):
     top = {n.split("/")[0] for n in names}
     assert top == {"spoon", "twisted", dist_info[0].split("/")[0]}
     spoon_files = {n for n in names if n.startswith("spoon/")}
-    for module in ("__init__", "server", "adapter", "daemon", "logs", "examples"):
+    for module in ("__init__", "server", "greenio", "daemon", "logs", "examples"):
         assert "spoon/%s.py" % module in spoon_files
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     assert re.search(rb"^spoon = spoon\.daemon:main$", entry_points, re.M)

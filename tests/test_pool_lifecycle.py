@@ -12,7 +12,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 import spoon.server
-from spoon.adapter import GulpDatagramProtocol, GulpFactory
+from spoon.greenio import GulpDatagramProtocol, GulpFactory
 from spoon.lifecycle import GracefulStop, IDrainable, IdleWaiters, NothingToDrain
 from spoon.pool.factory import FactoryTarget, tracking_factory
 from spoon.pool.target import IPoolTarget

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from spoon.endpoints import bind_socket, parse_socket_endpoint
+from spoon.net import bind_socket, parse_socket_endpoint
 from spoon.service import PreforkService
 from spoon.targets import TargetError, resolve
 

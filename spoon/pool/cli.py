@@ -61,7 +61,7 @@ def _parser():
 #: need later and could not import once the interpreter's files are out of reach (an
 #: interpreter under a directory only root can read, say).
 PRELOAD_BEFORE_SWITCH = (
-    "spoon.adapter",
+    "spoon.greenio",
     "spoon.server",
     "twisted.internet.pollreactor",
     "twisted.internet.selectreactor",

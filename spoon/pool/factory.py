@@ -200,7 +200,7 @@ class FactoryTarget:
         """A plain factory has no configuration to reload."""
 
     def serve(self, reactor, shared):
-        from spoon.balance import listen_one_by_one
+        from spoon.listener import listen_one_by_one
 
         self._reactor = reactor
         self._serving = ServingRun(reactor)

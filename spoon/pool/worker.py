@@ -60,7 +60,7 @@ PRELOAD = (
     "twisted.internet.task",
     "twisted.internet.defer",
     "twisted.logger",
-    "spoon.balance",
+    "spoon.listener",
     "spoon.reactors",
     "spoon.logs",
 )

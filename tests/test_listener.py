@@ -1,4 +1,4 @@
-"""The accept policy of the workers' listening port (spoon.balance.OneByOnePort), step by
+"""The accept policy of the workers' listening port (spoon.listener.OneByOnePort), step by
 step: a real listening socket and real client connections, a memory reactor whose clock
 the test advances."""
 
@@ -7,7 +7,7 @@ import socket
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from spoon.balance import OneByOnePort
+from spoon.listener import OneByOnePort
 from support import wait_for
 
 

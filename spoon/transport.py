@@ -13,7 +13,7 @@ This transport does the same job with fewer steps, using only public interfaces:
   buffered and written when the reactor says the socket is writable;
 - ``loseConnection`` with nothing buffered closes at once.
 
-Connections reach it through :mod:`spoon.balance`'s listening port (``serve_gulp``).
+Connections reach it through :mod:`spoon.listener`'s listening port (``serve_gulp``).
 Everything else (TLS, the PROXY protocol, other endpoints, plain Twisted factories) keeps
 Twisted's own transports: ``GulpProtocol`` works on either.
 """
@@ -73,7 +73,6 @@ class LeanConnection:
         self._read_stopped = False  # paused by the protocol (flow control)
         self._write_closing = False  # half-close once the buffer is written
         self._producer_paused = False
-        self._streaming = True
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -141,7 +140,7 @@ class LeanConnection:
         return self._fileno if self.connected else -1
 
     def logPrefix(self):
-        return "spoon.lean"
+        return "spoon.transport"
 
     def doRead(self):
         self._read_once()
@@ -293,7 +292,6 @@ class LeanConnection:
         if self.producer is not None:
             raise RuntimeError("a producer is already registered")
         self.producer = producer
-        self._streaming = streaming
         if not streaming:
             producer.resumeProducing()
 

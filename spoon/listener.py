@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from spoon import errorlog
 
-_log = logging.getLogger("spoon.balance")
+_log = logging.getLogger("spoon.listener")
 
 #: accept() errors that concern only the one connection being accepted.
 _SKIP = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
@@ -234,10 +234,10 @@ def serve_twisted(conn, peer, factory, reactor):
 
 def serve_gulp(factory, reactor):
     """A ``serve`` callable for Gulp factories: spoon's lean transport."""
-    from spoon import lean
+    from spoon import transport
 
     def serve(conn, peer):
-        lean.serve_accepted(conn, peer, factory, reactor)
+        transport.serve_accepted(conn, peer, factory, reactor)
 
     return serve
 

@@ -792,7 +792,7 @@ class GulpDatagramProtocol(DatagramProtocol):
     def __init__(self, server, reactor=None):
         self.server = server
         self.reactor = _reactor(reactor)
-        self.log = getattr(server, "log", None) or logging.getLogger("spoon.adapter")
+        self.log = getattr(server, "log", None) or logging.getLogger("spoon.greenio")
         self.pool = None
         self.active_handlers = 0
         self.connections = ()

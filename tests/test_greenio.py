@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 import spoon.server
-from spoon.adapter import GulpFactory, LineTooLong
+from spoon.greenio import GulpFactory, LineTooLong
 
 
 class RecordingServer(socketserver.BaseServer):
@@ -429,7 +429,7 @@ def test_wait_raises_the_failure():
 
 
 def test_wait_outside_a_handler_is_an_error():
-    from spoon.adapter import wait
+    from spoon.greenio import wait
 
     with pytest.raises(RuntimeError):
         wait(Deferred())
