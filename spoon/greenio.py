@@ -365,16 +365,7 @@ class GulpProtocol(Protocol):
         i = buf.find(b"\n", 0, self._max_line)
         if i < 0 or self._reading_paused:
             return None
-        i += 1
-        if i == len(buf):
-            line = bytes(buf)
-            buf.clear()
-        else:
-            line = bytes(buf[:i])
-            del buf[:i]
-        self._scan = 0
-        self._took = True
-        return line
+        return self._take(i + 1)
 
     def readline(self, size=-1):
         limit = self._max_line
