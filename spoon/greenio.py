@@ -723,8 +723,9 @@ class GulpFactory(Factory):
         self.connections.add(proto)
 
     def connection_ended(self, proto):
-        self.connections.discard(proto)
-        if not self.connections:
+        connections = self.connections
+        connections.discard(proto)
+        if not connections and self._idle.pending:
             self._idle.fire()
 
     def when_idle(self):
