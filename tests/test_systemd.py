@@ -128,3 +128,62 @@ def _try_connect(port):
         return socket.create_connection(("127.0.0.1", port), timeout=2)
     except OSError:
         return None
+
+
+POOL = """
+import os, sys
+sys.path[:0] = [%r]
+import spoon.server
+
+class Echo(spoon.server.Gulp):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
+class Pool(spoon.server.TCPSpork):
+    handler_klass = Echo
+    prefork = 2
+
+server = Pool(("127.0.0.1", 0))
+print("READY", server.server_address[1], os.getpid(), flush=True)
+server.serve_forever()
+""" % ROOT
+
+
+def _messages(sock, until, timeout=20):
+    """Datagrams read from ``sock`` until one contains ``until`` (bounded)."""
+    import time
+
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got.append(sock.recv(4096).decode())
+        except socket.timeout:
+            continue
+        if until in got[-1]:
+            return got
+    raise AssertionError("no %r among %r" % (until, got))
+
+
+def test_a_pool_tells_systemd_ready_reloading_stopping_and_pings_the_watchdog(
+    server_process, notify_socket
+):
+    import signal
+
+    path, sock = notify_socket
+    sock.settimeout(0.5)
+    proc = server_process(POOL, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+    first = _messages(sock, "READY=1")
+    ready = first[-1].split("\n")
+    assert "MAINPID=%d" % proc.pid in ready  # the supervisor, once both workers serve
+    assert not any("WATCHDOG" in m for m in first)  # no ping before the pool is whole
+    pings = _messages(sock, "WATCHDOG=1") + _messages(sock, "WATCHDOG=1")
+    assert pings[-1] == "WATCHDOG=1"
+    proc.signal(signal.SIGHUP)  # reload: replace the workers one by one
+    reload = _messages(sock, "RELOADING=1")
+    after = _messages(sock, "READY=1")
+    assert after[-1].startswith("READY=1")
+    proc.signal(signal.SIGTERM)
+    stop = _messages(sock, "STOPPING=1")
+    assert proc.wait(timeout=20) == 0
+    assert reload and stop

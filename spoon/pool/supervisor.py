@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from spoon import linux
 from spoon.pool import worker
+from spoon.pool.notify import PoolNotifier
 from spoon.pool.proctitle import set_title, supervisor_title
 from spoon.pool.reactor import check_forkable, check_reactor_choice
 from spoon.pool.target import IPool, IPoolTarget
@@ -202,9 +203,14 @@ class Supervisor:
         processes=None,
         poller=select.poll,
         signals=True,
+        notifier=None,
     ):
         self.target = IPoolTarget(target)
         self.clock = clock
+        #: What the pool tells systemd (spoon.systemd.Notifier; default: from the
+        #: environment, silent without NOTIFY_SOCKET).
+        self.notifier = notifier
+        self.notify = None
         self.processes = processes if processes is not None else OSProcesses()
         self.poller = poller
         self.install_signals = signals
@@ -324,6 +330,7 @@ class Supervisor:
         if self._stopping:
             return
         sig = self.target.signal_reload or signal.SIGUSR1
+        self.notify.reloading()
         self.log.info("Reloading configuration in %d worker(s)", len(self.workers))
         for w in list(self.workers.values()):
             self._kill(w.pid, sig)
@@ -333,6 +340,7 @@ class Supervisor:
     def handle_hup(self):
         if self._stopping:
             return
+        self.notify.reloading()
         self.log.info("SIGHUP: reloading configuration and replacing workers one by one")
         self.target.reload()
         self._replace_queue = sorted(
@@ -386,6 +394,7 @@ class Supervisor:
         self._done.clear()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         del self.pids[:]
+        self.notify = PoolNotifier(self.pid, self.notifier)
         target.pool_started(self)
         if self.install_signals:
             self._install_signals()
@@ -406,8 +415,20 @@ class Supervisor:
         self._check_parent()
         self._murder()
         self._manage()
+        self._tell_systemd()
         self._sleep()
         return True
+
+    def _tell_systemd(self):
+        """READY/RELOADING/STOPPING/WATCHDOG for a ``Type=notify`` unit (spoon.pool.notify)."""
+        serving = sum(1 for w in self.workers.values() if w.ready and not w.retiring)
+        self.notify.step(
+            self.clock(),
+            serving,
+            self.wanted,
+            stopping=bool(self._stopping),
+            replacing=bool(self._replace_queue) or self._rolling is not None,
+        )
 
     def finish(self):
         """Leave no worker behind and undo :meth:`start`."""
