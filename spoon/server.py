@@ -384,11 +384,14 @@ class _SpoonMixIn:
 
     # -- the Twisted side -----------------------------------------------------------------
 
-    def protocol_factory(self, reactor=None):
+    def protocol_factory(self, reactor=None, proxy_protocol=None):
         """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
-        this server; listen with it on any endpoint of a running reactor."""
+        this server; listen with it on any endpoint of a running reactor.
+        ``proxy_protocol``: read a PROXY protocol header first (None: as the class says)."""
+        if proxy_protocol is None:
+            proxy_protocol = self.proxy_protocol
         preface = None
-        if self.proxy_protocol:
+        if proxy_protocol:
             preface = proxy.HeaderPolicy(self.proxy_allow_from, self.log, reactor)
         return greenio.GulpFactory(
             self, reactor, self.log, lazy_start=self.client_speaks_first, preface=preface
@@ -666,7 +669,8 @@ class _DatagramMixIn:
     socket_type = socket.SOCK_DGRAM
     handler_klass = UDPGulp
 
-    def protocol_factory(self, reactor=None):
+    def protocol_factory(self, reactor=None, proxy_protocol=None):
+        """The datagram protocol (the PROXY protocol does not apply to datagrams)."""
         return greenio.GulpDatagramProtocol(self, reactor)
 
     def _listen(self, reactor):

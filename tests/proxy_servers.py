@@ -52,3 +52,11 @@ class WhoSpoon(WhoFromOneAddress, spoon.server.TCPSpoon):
     """The same in one process (no pre-forking)."""
 
     prefork = 1
+
+
+class WhoPlain(spoon.server.TCPSpork):
+    """No PROXY protocol of its own: a "haproxy:tcp:..." endpoint turns it on."""
+
+    server_logger = "who"
+    handler_klass = Who
+    prefork = 2

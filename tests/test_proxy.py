@@ -389,3 +389,37 @@ def test_a_server_class_turns_the_protocol_on_with_one_attribute():
         assert type(plain).proxy_allow_from == proxy.DEFAULT_ALLOW_FROM
     finally:
         server.server_close()
+
+
+# -- the haproxy: endpoint string --------------------------------------------------------
+
+
+def test_a_haproxy_endpoint_names_the_same_socket_with_the_header_on():
+    from spoon.net import parse_socket_endpoint
+
+    spec = parse_socket_endpoint("haproxy:tcp:2525:interface=127.0.0.1")
+    assert (spec.kind, spec.host, spec.port, spec.proxy) == ("tcp", "127.0.0.1", 2525, True)
+    six = parse_socket_endpoint("haproxy:tcp6:2525:interface=\\:\\:1")
+    assert (six.host, six.proxy) == ("::1", True)
+    assert parse_socket_endpoint("tcp:2525").proxy is False
+
+
+@pytest.mark.parametrize("description", ["haproxy:udp:53", "haproxy:unix:/run/x.sock", "haproxy:haproxy:tcp:1"])
+def test_a_haproxy_endpoint_other_than_tcp_is_refused_with_the_way_out(description):
+    from spoon.net import parse_socket_endpoint
+
+    with pytest.raises(ValueError, match="tcp: and tcp6: endpoints only.*proxy_protocol"):
+        parse_socket_endpoint(description)
+
+
+def test_protocol_factory_can_turn_the_header_on_for_one_listener():
+    class Plain(spoon.server.TCPSpoon):
+        handler_klass = Who
+
+    server = Plain(("127.0.0.1", 0))
+    try:
+        clock = MemoryReactorClock()
+        assert server.protocol_factory(clock).preface is None
+        assert isinstance(server.protocol_factory(clock, proxy_protocol=True).preface, HeaderPolicy)
+    finally:
+        server.server_close()

@@ -77,14 +77,19 @@ def test_headers_from_elsewhere_and_garbage_are_refused_and_logged_once_per_proc
     assert 1 <= len(refused("invalid header")) <= processes
 
 
-def test_a_twistd_pool_worker_reads_the_header(tmp_path):
+@pytest.mark.parametrize(
+    "klass, endpoint, workers",
+    [("WhoSpork", "tcp", "2"), ("WhoPlain", "haproxy:tcp", "2"), ("WhoPlain", "haproxy:tcp", "1")],
+    ids=["class-attribute-pool", "haproxy-endpoint-pool", "haproxy-endpoint-one-process"],
+)
+def test_twistd_reads_the_header_for_the_class_attribute_or_a_haproxy_endpoint(tmp_path, klass, endpoint, workers):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "spoon", "--server", "proxy_servers.WhoSpork",
-         "-e", "tcp:%d:interface=127.0.0.1" % port, "-s", "2"],
+        [TWISTD, "-n", "--pidfile=", "spoon", "--server", "proxy_servers." + klass,
+         "-e", "%s:%d:interface=127.0.0.1" % (endpoint, port), "-s", workers],
         cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -97,7 +102,7 @@ def test_a_twistd_pool_worker_reads_the_header(tmp_path):
 
         fields = wait_for(served, timeout=30, interval=0.1, what="twistd serving")
         assert fields[2:4] == [b"192.0.2.77", b"7777"]
-        assert int(fields[1]) != proc.pid  # a pre-forked worker answered
+        assert (int(fields[1]) != proc.pid) == (workers != "1")  # a pre-forked worker answered
         assert through(port, proxy_v1(("192.0.2.78", 7000), FRONT))[2:4] == [b"192.0.2.78", b"7000"]
         proc.send_signal(signal.SIGTERM)
         # twistd ends by re-raising the signal that stopped it.
