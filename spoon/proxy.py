@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from spoon import errorlog
 from spoon.greenio import IConnectionPreface
+from spoon.net import format_address
 
 __all__ = [
     "ProxyHeaderError",
@@ -55,7 +56,8 @@ V2_FIXED_LENGTH = 16
 V2_MAX_BODY = 4096
 
 _V2_COMMANDS = {0: "LOCAL", 1: "PROXY"}
-_V2_INET, _V2_INET6 = 1, 2
+#: v2 address families carrying IP addresses: name, address size, address type.
+_V2_IP_FAMILIES = {1: ("TCP4", 4, ipaddress.IPv4Address), 2: ("TCP6", 16, ipaddress.IPv6Address)}
 _V2_UNSPEC_PROTOCOL, _V2_STREAM = 0, 1
 
 
@@ -150,24 +152,12 @@ def parse_v2(fixed, body):
     family, protocol = fixed[13] >> 4, fixed[13] & 0x0F
     if protocol not in (_V2_UNSPEC_PROTOCOL, _V2_STREAM):
         raise ProxyHeaderError("a datagram header in front of a stream connection")
-    if family == _V2_INET and protocol == _V2_STREAM:
-        if len(body) < 12:
-            raise ProxyHeaderError("a v2 TCP4 header's address block is too short")
-        src, dst, sport, dport = struct.unpack("!4s4sHH", body[:12])
-        return Header(
-            2, "PROXY",
-            _address(ipaddress.IPv4Address(src), sport),
-            _address(ipaddress.IPv4Address(dst), dport),
-        )
-    if family == _V2_INET6 and protocol == _V2_STREAM:
-        if len(body) < 36:
-            raise ProxyHeaderError("a v2 TCP6 header's address block is too short")
-        src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        return Header(
-            2, "PROXY",
-            _address(ipaddress.IPv6Address(src), sport),
-            _address(ipaddress.IPv6Address(dst), dport),
-        )
+    if family in _V2_IP_FAMILIES and protocol == _V2_STREAM:
+        name, size, kind = _V2_IP_FAMILIES[family]
+        if len(body) < 2 * size + 4:
+            raise ProxyHeaderError("a v2 %s header's address block is too short" % name)
+        src, dst, sport, dport = struct.unpack("!%ds%dsHH" % (size, size), body[: 2 * size + 4])
+        return Header(2, "PROXY", _address(kind(src), sport), _address(kind(dst), dport))
     if family > 3:
         raise ProxyHeaderError("unknown address family %d in a v2 header" % family)
     # UNSPEC or UNIX: no IP address to report; the connection's own addresses stand.
@@ -275,8 +265,7 @@ class AllowList:
 
 def _client_text(client_address):
     if isinstance(client_address, tuple) and len(client_address) >= 2:
-        host, port = client_address[0], client_address[1]
-        return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
+        return format_address(client_address)
     return repr(client_address)
 
 
