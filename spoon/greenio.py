@@ -20,7 +20,7 @@ from twisted.internet import error
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
 
@@ -28,6 +28,7 @@ __all__ = [
     "GulpFactory",
     "GulpProtocol",
     "GulpDatagramProtocol",
+    "IConnectionPreface",
     "LineTooLong",
     "GreenSocket",
     "GreenReader",
@@ -50,6 +51,18 @@ POOL_MAX_IDLE = 256
 
 class LineTooLong(ValueError):
     """``readline()`` found no end of line within the handler's ``max_line_length``."""
+
+
+class IConnectionPreface(Interface):
+    """Something a stream connection must read before its handler may start (the PROXY
+    protocol header, :mod:`spoon.proxy`): it may change who the client is, and the
+    handler (and ``verify_request``) run only once it is done."""
+
+    def begin(transport, client_address, done):
+        """A new connection: return an object with ``data_received(data)``, ``eof()`` and
+        ``cancel()`` that reads the preface from the bytes it is given and then calls
+        ``done(client_address, rest)`` (``rest``: the bytes that followed it); or None
+        when the connection is refused at once.  A refused connection is closed here."""
 
 
 def _current_hub():
@@ -159,6 +172,7 @@ class GulpProtocol(Protocol):
         self._started = False  # the handler greenlet has been started
         self._between_requests = False  # suspended in readline() with nothing buffered
         self._took = False  # the handler has read something: a request was under way
+        self._preface = None  # reading what comes before the client's bytes (IConnectionPreface)
         self.socket = None
 
     # -- Twisted side -------------------------------------------------------------------
@@ -181,11 +195,29 @@ class GulpProtocol(Protocol):
         self.client_address = addr
         self.socket = GreenSocket(self)
         factory.connection_started(self)
+        if factory.preface is not None:
+            # The handler starts once the preface is read (_preface_done).
+            self._preface = factory.preface.begin(self.transport, addr, self._preface_done)
+            if self._preface is None:
+                self._started = True  # refused and closed: no handler, ever
+            return
         if not factory.lazy_start:
             self._started = True
             factory.pool.spawn(self._run_handler)
 
+    def _preface_done(self, client_address, rest):
+        self._preface = None
+        self.client_address = client_address
+        if rest:
+            self._buf += rest
+        if rest or not self.factory.lazy_start:
+            self._started = True
+            self.factory.pool.spawn(self._run_handler)
+
     def dataReceived(self, data):
+        if self._preface is not None:
+            self._preface.data_received(data)
+            return
         buf = self._buf
         buf += data
         if self._waiting == "read":
@@ -198,6 +230,9 @@ class GulpProtocol(Protocol):
             self.transport.pauseProducing()
 
     def readConnectionLost(self):
+        if self._preface is not None:
+            self._preface.eof()
+            return
         self._eof = True
         if self._waiting == "read":
             self._wake()
@@ -222,6 +257,9 @@ class GulpProtocol(Protocol):
                 self._lost = ConnectionAbortedError(errno.ECONNABORTED, "Connection aborted")
             else:
                 self._lost = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        if self._preface is not None:
+            self._preface.cancel()
+            self._preface = None
         self._eof = True
         self._closed = True
         self.factory.connection_ended(self)
@@ -694,13 +732,16 @@ class GulpFactory(Factory):
     protocol = GulpProtocol
     noisy = False
 
-    def __init__(self, server, reactor=None, log=None, lazy_start=False):
+    def __init__(self, server, reactor=None, log=None, lazy_start=False, preface=None):
         #: A ``socketserver.BaseServer`` (a Spoon): its hooks run each request and its
         #: ``RequestHandlerClass`` sets the connection's limits.
         self.server = server
         #: Start a connection's handler at its first byte (or EOF) instead of at accept:
         #: only correct for protocols where the client speaks first.
         self.lazy_start = lazy_start
+        #: An :class:`IConnectionPreface` every connection reads before its handler
+        #: starts (the PROXY protocol header), or None.
+        self.preface = preface
         self.reactor = _reactor(reactor)
         self.log = log
         self.pool = None

@@ -16,20 +16,24 @@ SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6")
 
 class SocketSpec:
     """What to bind: ``kind`` ("tcp" or "udp"), ``host``, ``port``, ``backlog`` (None: the
-    server class decides)."""
+    server class decides); ``proxy``: connections start with a PROXY protocol header
+    (a "haproxy:tcp:..." endpoint)."""
 
-    def __init__(self, kind, host, port, backlog=None):
+    def __init__(self, kind, host, port, backlog=None, proxy=False):
         self.kind = kind
         self.host = host
         self.port = port
         self.backlog = backlog
+        self.proxy = proxy
 
     @property
     def datagram(self):
         return self.kind == "udp"
 
     def __repr__(self):
-        return "SocketSpec(%r, %r, %r, backlog=%r)" % (self.kind, self.host, self.port, self.backlog)
+        return "SocketSpec(%r, %r, %r, backlog=%r, proxy=%r)" % (
+            self.kind, self.host, self.port, self.backlog, self.proxy
+        )
 
 
 def _split_description(description):
@@ -54,8 +58,22 @@ def parse_socket_endpoint(description):
     """A :class:`SocketSpec` for "tcp:", "tcp6:" and "udp:" endpoint strings (the ones that
     name a socket this process can bind and hand to a supervisor); None for any other type.
 
+    "haproxy:" in front of a tcp: or tcp6: endpoint (Twisted's syntax) gives the same
+    socket with ``proxy`` set: its connections start with a PROXY protocol header, which
+    spoon servers read themselves (:mod:`spoon.proxy`).
+
     Raises ValueError for a malformed socket endpoint.
     """
+    kind, sep, inner = description.partition(":")
+    if sep and kind.strip().lower() == "haproxy":
+        spec = parse_socket_endpoint(inner)
+        if spec is None or spec.datagram or spec.proxy:
+            raise ValueError(
+                "endpoint %r: spoon serves the PROXY protocol on tcp: and tcp6: endpoints "
+                "only (or set proxy_protocol = True on the server class)" % description
+            )
+        spec.proxy = True
+        return spec
     parts = _split_description(description)
     kind = parts[0].strip().lower()
     if len(parts) == 1 and kind.isdigit():  # Twisted's old "8080" shorthand

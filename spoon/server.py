@@ -24,7 +24,7 @@ import time
 from twisted.internet import defer
 from zope.interface import implementer
 
-from spoon import errorlog, greenio, lifecycle, listener
+from spoon import errorlog, greenio, lifecycle, listener, proxy
 from spoon.pool.target import IPoolTarget
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
@@ -206,6 +206,13 @@ class _SpoonMixIn:
     #: first byte, so an idle connection holds no greenlet, and on Linux the kernel hands
     #: over connections only once they have data (TCP_DEFER_ACCEPT).
     client_speaks_first = False
+    #: Every connection starts with a PROXY protocol header (v1 or v2) from a load
+    #: balancer: ``client_address`` and ``verify_request`` see the client it names.
+    #: Stream servers only (see "Behind HAProxy" in the README).
+    proxy_protocol = False
+    #: The load balancers allowed to send that header: addresses and networks; a
+    #: connection from anywhere else is refused.  Default: loopback only.
+    proxy_allow_from = proxy.DEFAULT_ALLOW_FROM
     command_line_defaults = {
         "port": 5000,
         "interface": "::0",
@@ -377,10 +384,18 @@ class _SpoonMixIn:
 
     # -- the Twisted side -----------------------------------------------------------------
 
-    def protocol_factory(self, reactor=None):
+    def protocol_factory(self, reactor=None, proxy_protocol=None):
         """A Twisted factory (stream) or datagram protocol serving ``handler_klass`` for
-        this server; listen with it on any endpoint of a running reactor."""
-        return greenio.GulpFactory(self, reactor, self.log, lazy_start=self.client_speaks_first)
+        this server; listen with it on any endpoint of a running reactor.
+        ``proxy_protocol``: read a PROXY protocol header first (None: as the class says)."""
+        if proxy_protocol is None:
+            proxy_protocol = self.proxy_protocol
+        preface = None
+        if proxy_protocol:
+            preface = proxy.HeaderPolicy(self.proxy_allow_from, self.log, reactor)
+        return greenio.GulpFactory(
+            self, reactor, self.log, lazy_start=self.client_speaks_first, preface=preface
+        )
 
     def _listen(self, reactor):
         """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
@@ -654,7 +669,8 @@ class _DatagramMixIn:
     socket_type = socket.SOCK_DGRAM
     handler_klass = UDPGulp
 
-    def protocol_factory(self, reactor=None):
+    def protocol_factory(self, reactor=None, proxy_protocol=None):
+        """The datagram protocol (the PROXY protocol does not apply to datagrams)."""
         return greenio.GulpDatagramProtocol(self, reactor)
 
     def _listen(self, reactor):

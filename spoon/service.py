@@ -335,6 +335,8 @@ class PreforkService(service.Service):
             args += ["--worker-timeout", str(self.worker_timeout)]
         if self.spec.datagram:
             args.append("--udp")
+        if self.spec.proxy:
+            args.append("--proxy-protocol")
         reactor_name = self.reactor_name
         if reactor_name:
             args += ["--reactor", reactor_name]
@@ -608,6 +610,11 @@ class ServeService(service.Service):
                             protocol,
                             maxPacketSize=self.server.max_packet_size + 1,
                         )
+                    elif spec.proxy:
+                        # haproxy:tcp:...: a factory of its own, that reads the header.
+                        factory = self.server.protocol_factory(reactor, proxy_protocol=True)
+                        self.protocols.append(factory)
+                        port = self._listen_stream(sock, factory)
                     else:
                         port = self._listen_stream(sock)
                 finally:
@@ -625,20 +632,21 @@ class ServeService(service.Service):
             self._listening = False
             raise
 
-    def _listen_stream(self, sock):
+    def _listen_stream(self, sock, factory=None):
         """Gulp servers get spoon's lean transport, as under ``serve_forever()``; any
         other factory a server class returns gets Twisted's own."""
         from spoon import greenio, listener
 
-        if isinstance(self.factory, greenio.GulpFactory):
+        factory = factory or self.factory
+        if isinstance(factory, greenio.GulpFactory):
             return listener.listen_one_by_one(
                 sock,
-                self.factory,
+                factory,
                 self.reactor,
-                listener.serve_gulp(self.factory, self.reactor),
+                listener.serve_gulp(factory, self.reactor),
                 shared=False,
             )
-        return self.reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+        return self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
 
     def _listen_endpoint(self, description):
         from twisted.internet.endpoints import serverFromString

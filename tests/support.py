@@ -521,3 +521,30 @@ def process_title(pid):
     """The command line of ``pid`` as ``ps`` shows it (what a process title replaces)."""
     with open("/proc/%d/cmdline" % pid, "rb") as f:
         return b" ".join(part for part in f.read().split(b"\0") if part).decode("utf8", "replace")
+
+
+def proxy_v1(source, destination):
+    """A PROXY protocol v1 header (what HAProxy's ``send-proxy`` sends) for IPv4 or IPv6
+    (host, port) pairs, written from the specification for the tests."""
+    family = "TCP6" if ":" in source[0] else "TCP4"
+    return ("PROXY %s %s %s %d %d\r\n" % (family, source[0], destination[0], source[1], destination[1])).encode()
+
+
+#: The twelve bytes that open every PROXY protocol v2 header.
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2(source=None, destination=None, command=1, tlvs=b""):
+    """A PROXY protocol v2 header (``send-proxy-v2``): ``command`` 1 (PROXY) with stream
+    addresses, or 0 (LOCAL, a health check) with none; ``tlvs`` appended to the block."""
+    import ipaddress
+    import struct
+
+    if source is None:
+        block, family = b"", 0x00
+    else:
+        src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+        family = 0x11 if src.version == 4 else 0x21
+        block = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
+    block += tlvs
+    return PROXY_V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(block)) + block

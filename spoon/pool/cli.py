@@ -40,6 +40,12 @@ def _parser():
     p.add_argument("--worker-timeout", type=float, default=None)
     p.add_argument("--udp", action="store_true", help="the callable returns a DatagramProtocol")
     p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="connections start with a PROXY protocol header (a haproxy:tcp: endpoint); "
+        "a spoon stream server class only",
+    )
+    p.add_argument(
         "--reactor",
         default=None,
         metavar="NAME",
@@ -172,6 +178,11 @@ def main(argv=None):
     except Exception as e:
         log.error("Cannot build the pool's server from %s: %s", args.target, e)
         return 2
+    if args.proxy_protocol:
+        if not hasattr(server, "proxy_protocol") or args.udp:
+            log.error("%s: the PROXY protocol needs a spoon stream server class", args.target)
+            return 2
+        server.proxy_protocol = True
     supervisor = Supervisor(
         server,
         workers=args.workers,
