@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+from spoon.pool.stats import COUNTERS
 
 __all__ = [
     "GulpFactory",
@@ -188,6 +189,7 @@ class GulpProtocol(Protocol):
     def dataReceived(self, data):
         buf = self._buf
         buf += data
+        COUNTERS.bytes_in += len(data)
         if self._waiting == "read":
             self._wake()
         elif not self._started:
@@ -452,6 +454,7 @@ class GulpProtocol(Protocol):
             self._suspend("write")
         if self._closed:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        COUNTERS.bytes_out += len(chunk)
         self.transport.write(chunk)
 
 
@@ -730,9 +733,13 @@ class GulpFactory(Factory):
 
     def connection_started(self, proto):
         self.connections.add(proto)
+        counters = COUNTERS
+        counters.connections_open += 1
+        counters.connections_total += 1
 
     def connection_ended(self, proto):
         self.connections.discard(proto)
+        COUNTERS.connections_open -= 1
         if not self.connections:
             self._idle.fire()
 
@@ -759,6 +766,7 @@ class _DatagramReply:
 
     def sendto(self, data, *args):
         address = args[-1]
+        COUNTERS.bytes_out += len(data)
         self._transport.write(bytes(data), address)
         return len(data)
 
@@ -802,6 +810,7 @@ class GulpDatagramProtocol(DatagramProtocol):
         if len(data) > limit:
             report_truncated(self.log, addr, limit)
             return
+        COUNTERS.bytes_in += len(data)
         if self.pool is None:
             self.pool = GreenletPool(_current_hub())
         self.pool.spawn(self._run_handler, data, tuple(addr))
