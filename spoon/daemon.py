@@ -311,7 +311,7 @@ STATUS_STALE_AFTER = 5.0
 HEALTHY, DEGRADED, DOWN = 0, 1, 2
 
 
-def _health(status, now):
+def pool_health(status, now):
     """``(exit code, reason)`` of a pool from its status snapshot."""
     supervisor = status.get("supervisor", {})
     rows = status.get("workers", [])
@@ -416,7 +416,7 @@ def report_status(pidfile, out=None, err=None, as_json=False):
         # One process serving (no pool): running is all there is to tell.
         return emit(HEALTHY, "running", {"pid": instance.pid}, line)
     now = time.time()
-    code, reason = _health(status, now)
+    code, reason = pool_health(status, now)
     return emit(code, reason, status, line + _status_table(status, now) + "%s\n" % reason)
 
 

@@ -173,3 +173,83 @@ def test_status_of_a_single_process_server_says_running(daemons):
     result = daemons.run("status", "-p", daemons.pid_file)
     assert result.returncode == 0
     assert result.stdout.startswith("running: pid %d" % supervisor)
+
+
+FAULTY = """
+import os, socket, sys
+import spoon.server
+
+class Handler(spoon.server.Gulp):
+    timeout = 0.3
+
+    def handle(self):
+        word = self.rfile.readline().strip()
+        if word == b"boom":
+            raise RuntimeError("a handler bug")
+        self.wfile.write(b"%d\\n" % os.getpid())
+
+class Server(spoon.server.TCPSpoon):
+    handler_klass = Handler
+
+from spoon.pool.supervisor import Supervisor
+
+server = Server(("127.0.0.1", 0))
+print("READY", server.server_address[1], flush=True)
+Supervisor(server, workers=1).run()  # a pool of one worker
+"""
+
+
+def test_errors_resets_timeouts_and_bytes_are_counted_and_pushed_to_statsd(server_process, tmp_path):
+    import socket
+    import struct
+
+    statsd = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    statsd.bind(("127.0.0.1", 0))
+    statsd.settimeout(10)
+    status_file = str(tmp_path / "pool.status")
+    proc = server_process(FAULTY, env={
+        "SPOON_METRICS": "tcp:0:interface=127.0.0.1",
+        "SPOON_STATSD": "127.0.0.1:%d" % statsd.getsockname()[1],
+        "SPOON_STATUS_FILE": status_file,
+    })
+    from spoon.metrics import read_status
+
+    address = wait_for(
+        lambda: (read_status(status_file) or {}).get("supervisor", {}).get("metrics"),
+        timeout=10, what="the status file",
+    )
+    worker = children_of(proc.pid)
+    assert request(("127.0.0.1", proc.port), b"hello\n").strip().isdigit()
+    request(("127.0.0.1", proc.port), b"boom\n")  # the handler raises: an error
+    request(("127.0.0.1", proc.port), b"no end of line", half_close=False)  # times out
+    rst = socket.create_connection(("127.0.0.1", proc.port), timeout=5)
+    rst.sendall(b"half a line")
+    rst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    rst.close()  # a reset while the handler waits for the rest
+
+    def counted():
+        m = scrape(address)
+        wanted = {
+            "spoon_request_errors_total": 1,
+            "spoon_peer_timeouts_total": 1,
+            "spoon_peer_resets_total": 1,
+            "spoon_connections_total": 4,
+            "spoon_requests_total": 4,
+        }
+        return m if all(per_worker(m, k).get("1") == v for k, v in wanted.items()) else None
+
+    samples = wait_for(counted, timeout=10, what="the counters in the metrics")
+    assert per_worker(samples, "spoon_received_bytes_total")["1"] == len(
+        b"hello\n" b"boom\n" b"no end of line" b"half a line"
+    )
+    assert per_worker(samples, "spoon_sent_bytes_total")["1"] == len(b"%d\n" % worker[0])
+    assert per_worker(samples, "spoon_connections_open")["1"] == 0
+
+    pushed = b""
+    while b"spoon.errors:1|c" not in pushed:
+        pushed += statsd.recv(65536) + b"\n"
+    assert b"spoon.workers_serving:1|g" in pushed
+    statsd.close()
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert read_status(status_file) is None  # removed when the pool stops

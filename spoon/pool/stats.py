@@ -190,10 +190,11 @@ class PoolStats:
     # -- the supervisor's events ---------------------------------------------------------
 
     def prepare_worker(self):
-        """Map the block of the worker about to be forked."""
+        """Map (and return) the block of the worker about to be forked."""
         if self._pending is not None:
             self._pending.close()  # the previous fork failed
         self._pending = CounterBlock()
+        return self._pending
 
     def worker_started(self, pid):
         self.starts += 1
