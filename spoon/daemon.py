@@ -367,6 +367,20 @@ def _status_table(status, now):
     )
 
 
+def _supervises_for(status, instance):
+    """True when ``status`` is written by a live supervisor whose parent is the process
+    of an unverified pid file: twistd's pid file, its pool's supervisor a child of it."""
+    from spoon.linux import process_stat
+
+    pid = (status or {}).get("supervisor", {}).get("pid")
+    if instance.state != Instance.UNVERIFIED or not isinstance(pid, int):
+        return False
+    try:
+        return int(process_stat(pid)[1]) == instance.pid
+    except (OSError, IndexError, ValueError):
+        return False
+
+
 def report_status(pidfile, out=None, err=None, as_json=False):
     """Print the state of the daemon of ``pidfile``; the exit status of ``spoon status``.
 
@@ -403,7 +417,8 @@ def report_status(pidfile, out=None, err=None, as_json=False):
         return emit(DEGRADED, str(e))
     if instance.state in (Instance.ABSENT, Instance.STALE):
         return emit(DOWN, instance.reason, text="not running: %s\n" % instance.reason)
-    if not instance.running:
+    status = read_status(status_path_for(instance.path))
+    if not instance.running and not _supervises_for(status, instance):
         err.write("%s\n" % instance.reason)
         return emit(DEGRADED, instance.reason)
     age = process_age(instance.pid)
@@ -411,7 +426,6 @@ def report_status(pidfile, out=None, err=None, as_json=False):
     line = "running: pid %d, up %s%s\n" % (
         instance.pid, _duration(age or 0), ", %s" % klass if klass else ""
     )
-    status = read_status(status_path_for(instance.path))
     if status is None or "supervisor" not in status:
         # One process serving (no pool): running is all there is to tell.
         return emit(HEALTHY, "running", {"pid": instance.pid}, line)

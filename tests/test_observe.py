@@ -253,3 +253,44 @@ def test_errors_resets_timeouts_and_bytes_are_counted_and_pushed_to_statsd(serve
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     assert read_status(status_file) is None  # removed when the pool stops
+
+
+def test_status_reads_a_twistd_pool_through_twistds_pid_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    pid_file = str(tmp_path / "twistd.pid")
+    env = dict(os.environ, SPOON_STATUS_FILE=pid_file + ".status")
+    subprocess.run(
+        [twistd, "--pidfile", pid_file, "--logfile", str(tmp_path / "twistd.log"), "spoon",
+         "--server", "spoon.examples.EchoServer", "--port", "0", "--interface", "127.0.0.1",
+         "--spork", "2"],
+        env=env, cwd=str(tmp_path), timeout=30, check=True, stdin=subprocess.DEVNULL,
+    )
+    pids = []
+    try:
+        twistd_pid = wait_for(lambda: open(pid_file).read().strip(), timeout=15, what="twistd.pid")
+        pids.append(int(twistd_pid))
+
+        def healthy():
+            result = subprocess.run(
+                [sys.executable, "-m", "spoon.daemon", "spoon.examples.EchoServer", "status",
+                 "-p", pid_file], capture_output=True, text=True, timeout=30,
+            )
+            return result if result.returncode == 0 and "worker 2" in result.stdout else None
+
+        result = wait_for(healthy, timeout=20, interval=0.2, what="a healthy twistd pool")
+        [supervisor] = children_of(int(twistd_pid))
+        pids.append(supervisor)
+        pids.extend(children_of(supervisor))
+        assert "supervisor  %d" % supervisor in result.stdout
+        assert len(children_of(supervisor)) == 2
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="twistd gone")
