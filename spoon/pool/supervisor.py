@@ -385,13 +385,13 @@ class Supervisor:
         if self._reactor_module:
             extra.append(self._reactor_module)
         self.processes.prepare(extra, supervisor_title(target.pool_name, sock))
+        self._start_observing()  # a --metrics port in use fails here, before any fork
         self.pid = self.processes.getpid()
         self._loop_thread = threading.get_ident()
         self._done.clear()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         del self.pids[:]
         target.pool_started(self)
-        self._start_observing()
         if self.install_signals:
             self._install_signals()
         self.log.info(
