@@ -141,6 +141,29 @@ def _endpoints(value):
 _endpoints.kind = "endpoint list"
 
 
+def _metrics_endpoint(value):
+    """A tcp: endpoint string for the supervisor's Prometheus endpoint."""
+    value = _text(value)
+    spec = parse_socket_endpoint(value)
+    if spec is None or spec.kind != "tcp":
+        raise ValueError("must be a tcp: endpoint (e.g. tcp:9102:interface=127.0.0.1), not %r" % value)
+    return value
+
+
+_metrics_endpoint.kind = "tcp endpoint"
+
+
+def _host_port(value):
+    value = _text(value)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("must be HOST:PORT, not %r" % value)
+    return value
+
+
+_host_port.kind = "HOST:PORT"
+
+
 # -- the option set ---------------------------------------------------------------------
 
 
@@ -321,6 +344,29 @@ SETTINGS = (
         "Report warnings and errors to this Sentry DSN (needs sentry-sdk).",
         flags=("-S", "--sentry-dsn"), metavar="DSN", from_class=_class_default("sentry_dsn"),
         entry_points=("daemon",),
+    ),
+)
+
+SETTINGS += (
+    Setting(
+        "metrics", _metrics_endpoint,
+        "Serve Prometheus metrics from the supervisor on this tcp: endpoint, e.g. "
+        "tcp:9102:interface=127.0.0.1 (needs prometheus_client: spoon[metrics]).",
+        flags=("--metrics",), metavar="ENDPOINT",
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    ),
+    Setting(
+        "statsd", _host_port,
+        "Push the pool's counters and gauges to statsd at HOST:PORT (UDP) every second.",
+        flags=("--statsd",), metavar="HOST:PORT",
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    ),
+    Setting(
+        "status_format", _choice("text", "json"),
+        "How `status` prints the pool: text (a table) or json [default: text].",
+        flags=("--status-format",), metavar="FORMAT", default="text",
+        entry_points=("daemon",),
+        switches=((("--json",), "json", "`status` prints one JSON object (--status-format json)."),),
     ),
 )
 

@@ -304,33 +304,134 @@ def _duration(seconds):
     return "%dd %s" % (days, text) if days else text
 
 
-def report_status(pidfile, out=None, err=None):
-    """Print whether the daemon of ``pidfile`` runs; the exit status of ``spoon status``.
+#: Seconds after which a status file not rewritten means a stuck supervisor.
+STATUS_STALE_AFTER = 5.0
 
-    0: running (a line with its pid, uptime and class on ``out``); 2: not running (no pid
-    file, or a stale one); 1: cannot tell (an unreadable pid file, or a live process not
-    proven to be the daemon: the reason on ``err``).
+#: ``spoon status`` exit codes, for monitoring checks.
+HEALTHY, DEGRADED, DOWN = 0, 1, 2
+
+
+def pool_health(status, now):
+    """``(exit code, reason)`` of a pool from its status snapshot."""
+    supervisor = status.get("supervisor", {})
+    rows = status.get("workers", [])
+    serving = sum(1 for row in rows if row.get("state") == "serving")
+    wanted = supervisor.get("workers_wanted", 0)
+    stale = now - supervisor.get("written_at", 0)
+    if stale > STATUS_STALE_AFTER:
+        return DEGRADED, "the supervisor has not updated its status for %ds" % stale
+    if serving == 0:
+        return DOWN, "no worker serving"
+    if serving < wanted:
+        return DEGRADED, "%d of %d workers serving" % (serving, wanted)
+    late = [str(row["pid"]) for row in rows if row.get("state") == "late"]
+    if late:
+        return DEGRADED, "late heartbeat: worker %s" % ", ".join(late)
+    return HEALTHY, "%d of %d workers serving" % (serving, wanted)
+
+
+def _size(n):
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return "%d%s" % (n, unit) if unit == "B" else "%.1f%s" % (n, unit)
+        n /= 1024.0
+
+
+def _status_table(status, now):
+    supervisor = status["supervisor"]
+    totals = status.get("totals", {})
+    header = ("ROLE", "PID", "AGE", "STATE", "CONNS", "REQUESTS", "ERRORS", "RSS", "BEAT", "GEN")
+    lines = [header, (
+        "supervisor", supervisor["pid"], _duration(supervisor["age"]), supervisor["state"],
+        totals.get("connections_open", 0), totals.get("requests_finished", 0),
+        totals.get("errors", 0), "-", "%.1fs" % (now - supervisor["written_at"]), "-",
+    )]
+    for row in status.get("workers", []):
+        beat = row.get("heartbeat_age")
+        lines.append((
+            "worker %d" % row["worker"], row["pid"], _duration(row["age"]), row["state"],
+            row["connections_open"], row["requests_finished"], row["errors"],
+            _size(row.get("rss_bytes", 0)), "-" if beat is None else "%.1fs" % beat,
+            row["generation"],
+        ))
+    cells = [[str(c) for c in line] for line in lines]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells
+    )
+    deaths = ", ".join(
+        "%s %d" % (cause, n) for cause, n in sorted(status.get("worker_deaths", {}).items()) if n
+    )
+    return text + "\nworker starts %d; deaths: %s\n" % (
+        status.get("worker_starts", 0), deaths or "none"
+    )
+
+
+def _supervises_for(status, instance):
+    """True when ``status`` is written by a live supervisor whose parent is the process
+    of an unverified pid file: twistd's pid file, its pool's supervisor a child of it."""
+    from spoon.linux import process_stat
+
+    pid = (status or {}).get("supervisor", {}).get("pid")
+    if instance.state != Instance.UNVERIFIED or not isinstance(pid, int):
+        return False
+    try:
+        return int(process_stat(pid)[1]) == instance.pid
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def report_status(pidfile, out=None, err=None, as_json=False):
+    """Print the state of the daemon of ``pidfile``; the exit status of ``spoon status``.
+
+    For a pool, a table of the supervisor and each worker (pid, age, state, open
+    connections, requests, errors, RSS, heartbeat age, configuration generation) from the
+    status file the supervisor rewrites every second beside the pid file; ``as_json``
+    prints that status (plus ``health`` and ``reason``) as one JSON object instead.
+
+    0 (healthy): running, every wanted worker serving; 1 (degraded): fewer workers serving
+    than wanted, a late heartbeat, a supervisor that stopped updating its status, or it
+    cannot be told (an unreadable pid file, a live process not proven to be the daemon:
+    the reason on ``err``); 2 (down): not running (no pid file, or a stale one), or no
+    worker serving.
     """
+    import json
+
+    from spoon.metrics import read_status, status_path_for
+
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+
+    def emit(code, reason, status=None, text=None):
+        if as_json:
+            report = dict(status or {}, health=("healthy", "degraded", "down")[code], reason=reason)
+            out.write(json.dumps(report, sort_keys=True) + "\n")
+        elif text is not None:
+            out.write(text)
+        return code
+
     try:
         instance = inspect_pidfile(pidfile)
     except PidFileError as e:
         err.write("%s\n" % e)
-        return 1
-    if instance.running:
-        age = process_age(instance.pid)
-        klass = (instance.record or {}).get("klass")
-        out.write(
-            "running: pid %d, up %s%s\n"
-            % (instance.pid, _duration(age or 0), ", %s" % klass if klass else "")
-        )
-        return 0
+        return emit(DEGRADED, str(e))
     if instance.state in (Instance.ABSENT, Instance.STALE):
-        out.write("not running: %s\n" % instance.reason)
-        return 2
-    err.write("%s\n" % instance.reason)
-    return 1
+        return emit(DOWN, instance.reason, text="not running: %s\n" % instance.reason)
+    status = read_status(status_path_for(instance.path))
+    if not instance.running and not _supervises_for(status, instance):
+        err.write("%s\n" % instance.reason)
+        return emit(DEGRADED, instance.reason)
+    age = process_age(instance.pid)
+    klass = (instance.record or {}).get("klass")
+    line = "running: pid %d, up %s%s\n" % (
+        instance.pid, _duration(age or 0), ", %s" % klass if klass else ""
+    )
+    if status is None or "supervisor" not in status:
+        # One process serving (no pool): running is all there is to tell.
+        return emit(HEALTHY, "running", {"pid": instance.pid}, line)
+    now = time.time()
+    code, reason = pool_health(status, now)
+    return emit(code, reason, status, line + _status_table(status, now) + "%s\n" % reason)
 
 
 # -- the command line ------------------------------------------------------------------------
@@ -605,7 +706,9 @@ def main(argv=None):
         recorded = _recorded_options(options.pid_file) if options.command == "restart" else {}
         _resolve(options, klass, recorded)
         if options.command == "status":
-            return report_status(options.pid_file, sys.stdout, out)
+            return report_status(
+                options.pid_file, sys.stdout, out, as_json=getattr(options, "status_format", None) == "json"
+            )
         if options.command == "reload":
             if send_action("reload", options.pid_file, logger=_cli_logger(out), klass=klass) is None:
                 return 1

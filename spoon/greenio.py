@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+from spoon.pool.stats import COUNTERS
 
 __all__ = [
     "GulpFactory",
@@ -220,6 +221,7 @@ class GulpProtocol(Protocol):
             return
         buf = self._buf
         buf += data
+        COUNTERS.bytes_in += len(data)
         if self._waiting == "read":
             self._wake()
         elif not self._started:
@@ -486,6 +488,7 @@ class GulpProtocol(Protocol):
             self._suspend("write")
         if self._closed:
             raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        COUNTERS.bytes_out += len(chunk)
         self.transport.write(chunk)
 
 
@@ -767,10 +770,14 @@ class GulpFactory(Factory):
 
     def connection_started(self, proto):
         self.connections.add(proto)
+        counters = COUNTERS
+        counters.connections_open += 1
+        counters.connections_total += 1
 
     def connection_ended(self, proto):
         connections = self.connections
         connections.discard(proto)
+        COUNTERS.connections_open -= 1
         if not connections and self._idle.pending:
             self._idle.fire()
 
@@ -797,6 +804,7 @@ class _DatagramReply:
 
     def sendto(self, data, *args):
         address = args[-1]
+        COUNTERS.bytes_out += len(data)
         self._transport.write(bytes(data), address)
         return len(data)
 
@@ -840,6 +848,7 @@ class GulpDatagramProtocol(DatagramProtocol):
         if len(data) > limit:
             report_truncated(self.log, addr, limit)
             return
+        COUNTERS.bytes_in += len(data)
         if self.pool is None:
             self.pool = GreenletPool(_current_hub())
         self.pool.spawn(self._run_handler, data, tuple(addr))

@@ -173,6 +173,11 @@ def read_record(path):
 _held = {}
 
 
+def held_pidfiles():
+    """The pid files this process wrote for itself and still holds (absolute paths)."""
+    return list(_held)
+
+
 def _write_atomically(path, data, lock=False):
     """Write ``data`` to ``path`` through a temporary file renamed over it, so readers see
     the old content or the whole new one.  With ``lock`` the file is locked before it

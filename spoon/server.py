@@ -25,6 +25,8 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from spoon import errorlog, greenio, lifecycle, listener, proxy
+from spoon.pool.hooks import IPoolHooks
+from spoon.pool.stats import COUNTERS
 from spoon.pool.target import IPoolTarget
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
@@ -175,7 +177,7 @@ def check_handler_class(server_class):
         )
 
 
-@implementer(IPoolTarget)
+@implementer(IPoolTarget, IPoolHooks)
 class _SpoonMixIn:
     """A server that consumes Gulps in a single process.
 
@@ -332,13 +334,18 @@ class _SpoonMixIn:
         """Build ``RequestHandlerClass`` for this request (its ``__init__`` runs
         ``setup()``, ``handle()`` and ``finish()``), as socketserver does."""
         klass = self.handler_klass
-        if klass.__new__ is object.__new__:
-            # The same as klass(...), without a C-level call between the greenlet and the
-            # handler's frames: a suspended handler then saves less stack.
-            handler = object.__new__(klass)
-            handler.__init__(request, client_address, self)
-        else:
-            klass(request, client_address, self)
+        counters = COUNTERS
+        counters.requests_started += 1
+        try:
+            if klass.__new__ is object.__new__:
+                # The same as klass(...), without a C-level call between the greenlet and
+                # the handler's frames: a suspended handler then saves less stack.
+                handler = object.__new__(klass)
+                handler.__init__(request, client_address, self)
+            else:
+                klass(request, client_address, self)
+        finally:
+            counters.requests_finished += 1
 
     def handle_request(self):
         """Serve exactly one request in this process and return, as socketserver does:
@@ -530,6 +537,8 @@ class _SpoonMixIn:
             self.load_config()
         except Exception:
             self.log.exception("load_config() failed; keeping the previous configuration")
+        else:
+            COUNTERS.generation += 1
 
     def handle_error(self, request, client_address):
         """Called inside ``except`` when a request failed.
@@ -543,8 +552,13 @@ class _SpoonMixIn:
         exc_type, exc, tb = sys.exc_info()
         fault = errorlog.peer_fault(exc)
         if fault is not None:
+            if isinstance(exc, socket.timeout):
+                COUNTERS.timeouts += 1
+            else:
+                COUNTERS.peer_resets += 1
             self.log.info("Client %s: %s", _client_text(client_address), fault)
             return
+        COUNTERS.errors += 1
         limiter = self._error_limiter()
         if limiter is None or limiter.admit(errorlog.origin(exc_type, tb), (client_address, exc)):
             self.log.error(
@@ -657,6 +671,31 @@ class _SpoonMixIn:
         self.pids = None
 
     # == END the pool's target interface ==================================================
+
+    # == BEGIN lifecycle hooks (spoon.pool.hooks.IPoolHooks): override any of them =========
+    # Each runs in the process named; an exception is logged with the hook's name (in
+    # post_fork it also fails that worker's boot).  See README "Status, metrics and hooks".
+
+    def when_ready(self):
+        """Supervisor: every wanted worker serves (once per pool start)."""
+
+    def pre_fork(self, number):
+        """Supervisor: worker ``number`` is about to be forked."""
+
+    def post_fork(self, number):
+        """Worker ``number``, just forked, before it serves (reconnect a database here)."""
+
+    def worker_exit(self, number):
+        """Worker ``number``, on its way out, its reactor stopped."""
+
+    def child_exit(self, pid, cause):
+        """Supervisor: worker ``pid`` has ended; ``cause``: stopped, retired, timeout,
+        boot_failure, crashed or killed."""
+
+    def on_reload(self):
+        """Supervisor: a reload (USR1) or a replacement of the workers (HUP) begins."""
+
+    # == END lifecycle hooks ================================================================
 
 
 class _DatagramMixIn:

@@ -37,8 +37,9 @@ import time
 
 from zope.interface import implementer
 
-from spoon import linux
-from spoon.pool import worker
+from spoon import linux, metrics
+from spoon.pool import stats, worker
+from spoon.pool.hooks import call_hook
 from spoon.pool.notify import PoolNotifier
 from spoon.pool.proctitle import set_title, supervisor_title
 from spoon.pool.reactor import check_forkable, check_reactor_choice
@@ -252,6 +253,7 @@ class Supervisor:
         self._loop_thread = None
         self._done = threading.Event()
         self._handlers = self._signal_handlers()
+        self._init_observing()
 
     # -- signals --------------------------------------------------------------------------
 
@@ -330,6 +332,7 @@ class Supervisor:
         if self._stopping:
             return
         sig = self.target.signal_reload or signal.SIGUSR1
+        self._hook("on_reload")
         self.notify.reloading()
         self.log.info("Reloading configuration in %d worker(s)", len(self.workers))
         for w in list(self.workers.values()):
@@ -340,6 +343,7 @@ class Supervisor:
     def handle_hup(self):
         if self._stopping:
             return
+        self._hook("on_reload")
         self.notify.reloading()
         self.log.info("SIGHUP: reloading configuration and replacing workers one by one")
         self.target.reload()
@@ -389,6 +393,7 @@ class Supervisor:
         if self._reactor_module:
             extra.append(self._reactor_module)
         self.processes.prepare(extra, supervisor_title(target.pool_name, sock))
+        self._start_observing()  # a --metrics port in use fails here, before any fork
         self.pid = self.processes.getpid()
         self._loop_thread = threading.get_ident()
         self._done.clear()
@@ -415,6 +420,7 @@ class Supervisor:
         self._check_parent()
         self._murder()
         self._manage()
+        self._observe()
         self._tell_systemd()
         self._sleep()
         return True
@@ -436,6 +442,7 @@ class Supervisor:
             self._kill_all_now()
         finally:
             self._restore_signals()
+            self._stop_observing()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self._wake_r = self._wake_w = None
@@ -517,6 +524,7 @@ class Supervisor:
         if not w.ready and worker.Heartbeat.READY in data:
             w.ready = True
             self.log.info("Worker %d serving", w.pid)
+            self._check_pool_ready()
         if self._quick_deaths and w.ready and now - w.born > QUICK_DEATH:
             if self._crash_looping:
                 self.log.info("Workers start again; forking at full speed")
@@ -588,6 +596,7 @@ class Supervisor:
         w.retiring = True
         w.retire_deadline = self.clock() + self.graceful_timeout
         self.log.info("Stopping worker %d (%s)", w.pid, why)
+        self.stats.retiring(stats.retirement_reason(why))
         self._kill(w.pid, self._graceful_signal())
 
     def _graceful_signal(self):
@@ -599,6 +608,7 @@ class Supervisor:
             return None
         taken = {w.number for w in self.workers.values()}
         number = next(n for n in range(1, len(taken) + 2) if n not in taken)
+        self._before_fork(number)
         try:
             pid, fd = self.processes.fork_worker(lambda beat_fd: self._become_worker(number, beat_fd))
         except OSError as e:
@@ -606,6 +616,7 @@ class Supervisor:
             self._last_fork = now
             return None
         w = WorkerRecord(pid, fd, now, number)
+        self.stats.worker_started(pid)
         self.workers[pid] = w
         self.pids.append(pid)
         self._last_fork = now
@@ -621,8 +632,10 @@ class Supervisor:
                 except OSError:
                     pass
         self._queue.clear()
+        block = self._observe_in_worker()
         worker.run_worker(
-            self.target, beat_fd, self.pid, self.heartbeat_interval, number, self._reactor_module
+            self.target, beat_fd, self.pid, self.heartbeat_interval, number, self._reactor_module,
+            block,
         )
 
     def _reap(self):
@@ -644,6 +657,7 @@ class Supervisor:
         now = self.clock()
         lifetime = now - w.born
         how = _describe_status(status)
+        self._count_exit(w, status, how)
         if self._stopping or w.retiring:
             self.log.info("Worker %d exited (%s)", pid, how)
             return
@@ -752,3 +766,70 @@ class Supervisor:
                     self._forget(pid, status)
             if self.workers:
                 self._poll(0.01)
+
+    # -- observation: counters, status, metrics, hooks -------------------------------------
+
+    def _init_observing(self):
+        self.stats = stats.PoolStats()
+        self.observer = None
+        self._published = float("-inf")
+        self._announced_ready = False
+
+    def _hook(self, name, *args):
+        call_hook(self.target, name, self.log, *args)
+
+    def _start_observing(self):
+        """Open what the pool publishes to (``SPOON_METRICS``, ``SPOON_STATSD``, the status
+        file beside this process's pid file or ``SPOON_STATUS_FILE``)."""
+        self._announced_ready = False
+        if self.observer is None:
+            metrics_endpoint, statsd, status_file = metrics.settings_from_environment()
+            self.observer = metrics.PoolObserver(metrics_endpoint, statsd, status_file, self.log)
+
+    def _stop_observing(self):
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            observer.close()
+        self.stats.close()
+
+    def _observe(self, force=False):
+        """Publish a snapshot of the pool, at most once a second."""
+        now = self.clock()
+        if self.observer is None or (not force and now < self._published + metrics.PUBLISH_INTERVAL):
+            return
+        self._published = now
+        if self._stopping:
+            state = "stopping"
+        elif len([w for w in self._active() if w.ready]) >= self.wanted:
+            state = "serving"
+        else:
+            state = "starting"
+        ages = {w.pid: now - w.last_beat for w in self.workers.values()}
+        self.observer.publish(
+            self.stats.snapshot(
+                self.workers.values(), ages, self.pid, self.wanted, state, self.worker_timeout
+            )
+        )
+
+    def _check_pool_ready(self):
+        if self._announced_ready or self._stopping:
+            return
+        if len([w for w in self._active() if w.ready]) >= self.wanted:
+            self._announced_ready = True
+            self._observe(force=True)
+            self._hook("when_ready")
+
+    def _before_fork(self, number):
+        self.stats.prepare_worker()
+        self._hook("pre_fork", number)
+
+    def _observe_in_worker(self):
+        """In the forked child: drop the supervisor's publications; the counter block."""
+        if self.observer is not None:
+            self.observer.close_inherited()
+            self.observer = None
+        return self.stats.became_worker()
+
+    def _count_exit(self, w, status, how):
+        cause = self.stats.worker_exited(w, status, bool(self._stopping), how)
+        self._hook("child_exit", w.pid, cause)

@@ -15,7 +15,9 @@ import signal
 import sys
 
 from spoon import linux
+from spoon.pool.hooks import call_hook
 from spoon.pool.proctitle import set_title, worker_title
+from spoon.pool.stats import COUNTERS
 from spoon.pool.reactor import install_reactor_module, renew_inherited_reactor
 
 __all__ = [
@@ -145,13 +147,21 @@ class Heartbeat:
         self.on_orphaned(why)
 
 
-def run_worker(target, heartbeat_fd, master_pid, heartbeat_interval, number=1, reactor_module=None):
+def run_worker(
+    target, heartbeat_fd, master_pid, heartbeat_interval, number=1, reactor_module=None,
+    counter_block=None,
+):
     """Body of a forked worker: serve ``target`` (an ``IPoolTarget`` whose socket was
     inherited) until stopped, then exit the process.  ``reactor_module``: module of the
-    reactor to install (default: Twisted's default).  Never returns."""
+    reactor to install (default: Twisted's default).  ``counter_block``: where the worker
+    publishes its counters at each heartbeat (:class:`spoon.pool.stats.CounterBlock`).
+    Never returns."""
     code = 1
     try:
-        code = _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module)
+        code = _serve(
+            target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module,
+            counter_block,
+        )
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
@@ -179,7 +189,8 @@ def _install(handlers):
         signal.signal(signum, handler)
 
 
-def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module):
+def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module,
+           counter_block=None):
     from spoon.logs import bridge_twisted_to_stdlib
     from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -204,6 +215,7 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
     reactor = reactor_for_serving()
     target.became_worker(number)
     bridge_twisted_to_stdlib()
+    call_hook(target, "post_fork", target.log or log, number, fatal=True)
 
     def orphaned(why):
         log.warning("Worker %d: supervisor gone (%s); stopping now", os.getpid(), why)
@@ -218,9 +230,24 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
     # handlers are in place, whatever arrived meanwhile reaches them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
     reactor.callWhenRunning(heartbeat.start, reactor)
+    reactor.callWhenRunning(_publish_counters, reactor, counter_block, heartbeat_interval)
     # reactor.run() installs Twisted's own SIGINT/SIGTERM handlers: the target's win.
     reactor.callWhenRunning(_install, handlers)
     mark_ran(reactor)
     reactor.run()
     heartbeat.stop()
+    if counter_block is not None:
+        counter_block.publish(COUNTERS)  # the last requests count in the pool's totals
+    call_hook(target, "worker_exit", target.log or log, number)
     return 0
+
+
+def _publish_counters(reactor, block, interval):
+    """Copy this worker's counters into the supervisor's block at heartbeat pace."""
+    if block is None:
+        return
+    from twisted.internet.task import LoopingCall
+
+    loop = LoopingCall(block.publish, COUNTERS)
+    loop.clock = reactor
+    loop.start(interval, now=True)
