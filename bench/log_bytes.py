@@ -263,7 +263,8 @@ def ctrl_c_per_session(script, checkout, n, workdir):
 
 def accept_failures(script, checkout, workdir, clients, seconds):
     """Under RLIMIT_NOFILE 64, ``clients`` connections held open against a 2-worker pool:
-    log lines and bytes per second per worker while accept() fails."""
+    {pid: (log lines per second, log bytes per second)} while accept() fails (each worker
+    logs; the supervisor has nothing to say meanwhile), and the bytes written to stderr."""
     server = Server(script, checkout, "emfile", workdir, fd_limit=64)
     socks = []
     try:
@@ -279,21 +280,17 @@ def accept_failures(script, checkout, workdir, clients, seconds):
         for sock in socks:
             sock.close()
         server.stop()
-    lines = window.decode("utf8", "replace").splitlines()
-    per_pid = {}
+    per_pid = {}  # pid -> [lines, bytes]; a traceback's lines count for its record's pid
     pid = None
-    for line in lines:
+    for line in window.decode("utf8", "replace").splitlines():
         match = RECORD.match(line)
         if match:
-            pid = match.group(1)
-        per_pid.setdefault(pid, [0, 0])
-        per_pid[pid][0] += 1
-        per_pid[pid][1] += len(line) + 1
-    workers = max(1, len([p for p in per_pid if p is not None]))
-    total_lines = sum(v[0] for v in per_pid.values())
-    total_bytes = sum(v[1] for v in per_pid.values())
-    stderr = os.path.getsize(server.stderr)
-    return total_lines / seconds / workers, total_bytes / seconds / workers, stderr
+            pid = int(match.group(1))
+        counts = per_pid.setdefault(pid, [0, 0])
+        counts[0] += 1
+        counts[1] += len(line) + 1
+    rates = {pid: (c[0] / seconds, c[1] / seconds) for pid, c in per_pid.items()}
+    return rates, os.path.getsize(server.stderr)
 
 
 def main(argv=None):
@@ -320,7 +317,7 @@ def main(argv=None):
         script = os.path.join(workdir, "server.py")
         with open(script, "w") as f:
             f.write(textwrap.dedent(SERVERS))
-        print("log bytes per bad request (n=%d each)" % args.n)
+        print("log bytes per bad request (n=%d of each kind)" % args.n)
         print("%-10s %10s %10s" % ("kind", "before", "after"), flush=True)
         for kind in [k for k in args.kinds.split(",") if k]:
             row = [per_request(script, checkouts[w], kind, args.n, workdir, args.settle)
@@ -330,10 +327,12 @@ def main(argv=None):
             print("accept() failing (RLIMIT_NOFILE 64, %d clients held, %gs): per worker"
                   % (args.clients, args.exhaust))
             for which in ("before", "after"):
-                lines, nbytes, stderr = accept_failures(
+                rates, stderr = accept_failures(
                     script, checkouts[which], workdir, args.clients, args.exhaust)
-                print("%-7s %8.1f lines/s %10.0f bytes/s  (stderr: %d bytes)"
-                      % (which, lines, nbytes, stderr), flush=True)
+                print("%-7s %s  (stderr: %d bytes)" % (which, "; ".join(
+                    "pid %s: %.1f lines/s, %.0f bytes/s" % (pid, lines, nbytes)
+                    for pid, (lines, nbytes) in sorted(rates.items(), key=str)) or "nothing logged",
+                    stderr), flush=True)
 
 
 if __name__ == "__main__":
