@@ -67,13 +67,14 @@ def children_of(pid):
     return kids
 
 
-def rss_kib(pid):
-    """Resident set size of ``pid`` in KiB (VmRSS)."""
+def rss_kib(pid, field="VmRSS"):
+    """Resident set size of ``pid`` in KiB: now (VmRSS), or with ``field="VmHWM"`` the
+    highest it has been (the kernel's high-water mark)."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS for %d" % pid)
+    raise AssertionError("no %s for %d" % (field, pid))
 
 
 def pss_kib(pid):
