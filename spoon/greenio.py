@@ -256,7 +256,11 @@ class GulpProtocol(Protocol):
             # does, instead of passing the truncated input off as complete.  (isinstance
             # on the value: Failure.check costs more than the rest of a short request.)
             if isinstance(reason.value, error.ConnectionAborted):
-                self._lost = ConnectionAbortedError(errno.ECONNABORTED, "Connection aborted")
+                # Aborted by our own fast stop.  A handler waiting for its next request
+                # lost nothing: that session simply ends (EOF, no log line per idle
+                # session); one that was mid-request hears that it was cut.
+                if not (self._between_requests and not self._buf):
+                    self._lost = ConnectionAbortedError(errno.ECONNABORTED, "Connection aborted")
             else:
                 self._lost = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
         if self._preface is not None:
@@ -447,7 +451,7 @@ class GulpProtocol(Protocol):
         if self._took and self.factory.stopping:
             self._end_input()
             return
-        self._between_requests = self._took
+        self._between_requests = True
         try:
             self._wait_for_input()
         finally:
@@ -463,7 +467,7 @@ class GulpProtocol(Protocol):
     def end_if_idle(self):
         """Graceful stop: a session between two requests ends now (its handler, waiting
         for the next request with nothing buffered, reads EOF)."""
-        if self._waiting == "read" and self._between_requests and not self._buf:
+        if self._waiting == "read" and self._between_requests and self._took and not self._buf:
             self._end_input()
             self._wake()
 

@@ -619,3 +619,20 @@ def test_a_body_read_is_not_between_requests():
     assert not c.closed
     c.feed(b"abcdef")
     assert c.out() == b"got 6" and c.closed
+
+
+def test_a_fast_stop_ends_a_session_waiting_for_its_next_request_quietly():
+    class Quiet(spoon.server.Gulp):
+        def handle(self):
+            for line in self.rfile:
+                self.wfile.write(b"ok " + line)
+
+    c = Conn(Quiet)
+    c.feed(b"a\n")
+    c.proto.connectionLost(Failure(ConnectionAborted()))
+    assert c.server.errors == []  # nothing was cut: no error, no log line
+    assert c.out() == b"ok a\n"
+    mid = Conn(Quiet)
+    mid.feed(b"half a li")
+    mid.proto.connectionLost(Failure(ConnectionAborted()))
+    assert [type(e) for e in mid.server.errors] == [ConnectionAbortedError]
