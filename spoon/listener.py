@@ -55,7 +55,8 @@ RESOURCE_RETRY_MAX = 1.0
 class OneByOnePort:
     """Serve ``factory`` on the already listening stream socket ``sock`` (not closed here;
     the port works on its own duplicate of the descriptor).  ``serve(conn, peer)`` starts
-    serving one accepted, non-blocking socket; default :func:`serve_twisted`."""
+    serving one accepted socket (in blocking mode: the serving transport does not block
+    on it, see :meth:`_accept_one`); default :func:`serve_twisted`."""
 
     #: Upper bound of connections accepted in one wake-up.
     accepts_per_read = 64
@@ -214,7 +215,10 @@ class OneByOnePort:
                     continue
                 raise  # out of descriptors or memory: the caller waits a little
             break
-        conn.setblocking(False)
+        # The accepted socket is left in blocking mode (accept4 is called without
+        # SOCK_NONBLOCK and setblocking would cost an ioctl per connection): the lean
+        # transport passes MSG_DONTWAIT on each call, Twisted's own transport switches
+        # its socket to non-blocking itself.
         try:
             self.serve(conn, peer)
         except Exception:

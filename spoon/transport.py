@@ -41,6 +41,9 @@ BUFFER_SIZE = 65536
 SEND_LIMIT = 128 * 1024
 
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
+#: Every recv and send passes this flag: the socket itself may stay in blocking mode (no
+#: ``ioctl(FIONBIO)`` per accepted connection) and no call of ours ever waits.
+_DONTWAIT = socket.MSG_DONTWAIT
 
 
 def _lost(exc=None):
@@ -88,7 +91,7 @@ class LeanConnection:
     def _read_once(self):
         """One ``recv``: deliver data or EOF. Returns True if something was delivered."""
         try:
-            data = self.socket.recv(READ_SIZE)
+            data = self.socket.recv(READ_SIZE, _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 return False
@@ -149,7 +152,8 @@ class LeanConnection:
         out = self._out
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self.socket.send(data[:SEND_LIMIT] if len(data) > SEND_LIMIT else data)
+            sent = self.socket.send(data[:SEND_LIMIT] if len(data) > SEND_LIMIT else data,
+                                    _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 self._out = [data]
@@ -191,7 +195,7 @@ class LeanConnection:
             return
         if not self._out:
             try:
-                sent = self.socket.send(data)
+                sent = self.socket.send(data, _DONTWAIT)
             except OSError as e:
                 if e.errno not in _WOULD_BLOCK:
                     self._close_now(_lost(e))
@@ -304,8 +308,9 @@ def serve_accepted(sock, peer, factory, reactor):
     """Serve a freshly accepted socket with ``factory``'s (a GulpFactory) protocol on a
     LeanConnection.
 
-    ``sock`` must be non-blocking.  Returns the transport, or None if the factory refused
-    the connection.
+    ``sock`` may be in blocking mode: every recv and send of the transport passes
+    ``MSG_DONTWAIT``.  Returns the transport, or None if the factory refused the
+    connection.
     """
     # GulpFactory.buildProtocol ignores its address argument: don't build one.
     protocol = factory.buildProtocol(None)

@@ -1,0 +1,100 @@
+"""Profile TCPSpork's short-connection path in the unpinned shape (bench/shapes.py).
+
+    python bench/profile_short.py [--seconds 10] [--conc 16] [--out bench/profile-short-unpinned.svg]
+
+Starts ``ours: TCPSpork prefork=2`` (bench/servers/ours.py) with every process free on all
+cores, drives it with the generator's short exchange (also unpinned), and records its
+workers with py-spy (``--subprocesses``; ``--native`` adds the C frames of greenlet and CPython; py-spy stops
+the process for each sample, which adds some system time) into a
+flame graph.  py-spy is installed on first use into bench/out/venv-tools (from PyPI), never
+into the project's environment.  It also prints the server's user/system CPU split per
+request from /proc, which py-spy cannot see (system time is charged to the Python line that
+made the call).  Run it under ``flock /work/notes/bench.lock`` on a shared host.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import scenarios  # noqa: E402
+import peers  # noqa: E402
+from peers import OUT, PEERS, Server, log  # noqa: E402
+
+TOOLS = os.path.join(OUT, "venv-tools")
+
+
+def py_spy():
+    exe = os.path.join(TOOLS, "bin", "py-spy")
+    if not os.path.exists(exe):
+        log("installing py-spy into %s" % TOOLS)
+        subprocess.run([sys.executable, "-m", "venv", TOOLS], check=True, timeout=300)
+        subprocess.run([os.path.join(TOOLS, "bin", "pip"), "install", "-q",
+                        "--disable-pip-version-check", "py-spy"], check=True, timeout=600)
+    return exe
+
+
+def user_system(pids):
+    """(utime, stime) in seconds of ``pids``, reaped children included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    u = s = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        u += int(fields[11]) + int(fields[13])
+        s += int(fields[12]) + int(fields[14])
+    return u / tick, s / tick
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--conc", type=int, default=16)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--out", default=os.path.join(HERE, "profile-short-unpinned.svg"))
+    p.add_argument("--peer", default="spork", help="a pre-forked peer of bench/peers.py")
+    p.add_argument("--no-spy", action="store_true", help="only the user/system split")
+    p.add_argument("--raw", action="store_true", help="collapsed stacks instead of an SVG")
+    p.add_argument("--native", action="store_true", help="C frames too (greenlet, CPython)")
+    args = p.parse_args(argv)
+    exe = None if args.no_spy else py_spy()
+    peer = next(peer for peer in PEERS if peer.name == args.peer)
+    python = sys.executable
+    if peer.env != "project":
+        python, err = peers.ensure_env(peer.env)
+        if err:
+            sys.exit(err)
+    s = scenarios.Settings()
+    s.warmup = 0.5
+    with Server(peer, "echo", python, None, tag="-profile").start() as server:
+        workers = server.worker_pids()
+        before = user_system(workers)
+        spy = None if exe is None else subprocess.Popen([exe, "record", "--format", "raw" if args.raw else "flamegraph",
+                                "--rate", str(args.rate), "--duration", str(int(args.seconds)),
+                                "--output", args.out, "--pid", str(server.pid),
+                                "--subprocesses"] + (["--native"] if args.native else []),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        r = scenarios.loadgen("short", server.port, s, args.conc, cpus=None,
+                              measure_pid=server.pid, duration=args.seconds)
+        after = user_system(workers)
+        out = spy.communicate(timeout=60)[0] if spy else ""
+    n = r.get("requests") or 0
+    user, system = after[0] - before[0], after[1] - before[1]
+    print(scenarios.brief(r))
+    if n:
+        print("workers: user %.1f us/req, system %.1f us/req (%d requests%s)" % (
+                  user * 1e6 / n, system * 1e6 / n, n, "" if spy is None else
+                  "; py-spy overhead included"))
+    print("load average %.2f %.2f %.2f" % os.getloadavg())
+    print(out.strip().splitlines()[-1] if out.strip() else "py-spy: no output")
+
+
+if __name__ == "__main__":
+    main()
