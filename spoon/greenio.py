@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+from spoon.transport import IDeliversWaitingInput
 
 __all__ = [
     "GulpFactory",
@@ -181,9 +182,17 @@ class GulpProtocol(Protocol):
         self.client_address = addr
         self.socket = GreenSocket(self)
         factory.connection_started(self)
-        if not factory.lazy_start:
+        if not factory.lazy_start and not IDeliversWaitingInput.providedBy(self.transport):
             self._started = True
             factory.pool.spawn(self._run_handler)
+
+    def input_checked(self):
+        """The transport delivered the input that waited at accept (IDeliversWaitingInput):
+        start the handler now if that input did not (a request already there is in the
+        buffer: the handler runs without suspending for it)."""
+        if not self._started and not self.factory.lazy_start and not self._closed:
+            self._started = True
+            self.factory.pool.spawn(self._run_handler)
 
     def dataReceived(self, data):
         buf = self._buf

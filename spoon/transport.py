@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 #: Bytes asked of ``recv`` per read.
 READ_SIZE = 65536
@@ -46,13 +46,33 @@ _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
 _DONTWAIT = socket.MSG_DONTWAIT
 
 
+class IDeliversWaitingInput(Interface):
+    """A transport that, right after ``connectionMade``, delivers the input already waiting
+    on its socket (``dataReceived``, ``readConnectionLost``), then calls the protocol's
+    ``input_checked()``.
+
+    A protocol that would start work at ``connectionMade`` (GulpProtocol: the handler's
+    greenlet) can wait for that call instead: a request that was already there is then
+    in its buffer when the work starts, and it runs to completion without suspending for
+    input and being woken again.
+    """
+
+
 def _lost(exc=None):
     return Failure(error.ConnectionLost(str(exc) if exc else "Connection lost"))
 
 
-@implementer(ITCPTransport, IReadWriteDescriptor, IConsumer, IPushProducer, ISystemHandle)
+@implementer(
+    ITCPTransport,
+    IReadWriteDescriptor,
+    IConsumer,
+    IPushProducer,
+    ISystemHandle,
+    IDeliversWaitingInput,
+)
 class LeanConnection:
-    """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``).
+    """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``, or any protocol
+    with an ``input_checked()`` method: see :class:`IDeliversWaitingInput`).
 
     ``peer`` is the address ``accept()`` returned; the Twisted address objects are built
     only when asked for.
@@ -80,11 +100,15 @@ class LeanConnection:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self):
-        """Connect the protocol, then read whatever already waits on the socket."""
-        self.protocol.makeConnection(self)
+        """Connect the protocol, read whatever already waits on the socket, tell the
+        protocol so (:class:`IDeliversWaitingInput`), and wait for more only if needed."""
+        protocol = self.protocol
+        protocol.makeConnection(self)
         while self.connected and not self._read_closed and not self._read_stopped:
             if not self._read_once():
                 break
+        if self.connected:
+            protocol.input_checked()
         if self.connected and not self._read_closed and not self._read_stopped:
             self._start_reading()
 

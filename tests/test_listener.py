@@ -139,6 +139,9 @@ class Recorder:
     def readConnectionLost(self):
         self.data.append(b"<EOF>")
 
+    def input_checked(self):
+        """The lean transport calls this once the waiting input is delivered."""
+
     def connectionLost(self, reason):
         pass
 
