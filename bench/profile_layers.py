@@ -8,12 +8,14 @@ the cost over whatever line a process was preempted at.  This script instead run
 TCPSpoon (one process: the same per-connection path as a TCPSpork worker, without the
 sibling-aware accept policy) under cProfile in a child process, drives it with the
 generator's short exchange (unpinned), and prints each layer's own Python time and call
-count per request.  cProfile inflates every call by a similar amount, so read the shares
+count per request, and how many objects per request only the cyclic garbage collector
+frees.  cProfile inflates every call by a similar amount, so read the shares
 and the call counts, not the absolute microseconds.  Under ``flock /work/notes/bench.lock``.
 """
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -71,10 +73,17 @@ def serve(out, seconds):
     def stop(*_):
         prof.disable()
         prof.dump_stats(out)
+        after = gc.get_stats()
+        with open(out + ".gc", "w") as f:
+            json.dump({"collections": sum(a["collections"] - b["collections"]
+                                          for a, b in zip(after, before)),
+                       "collected": sum(a["collected"] - b["collected"]
+                                        for a, b in zip(after, before))}, f)
         os._exit(0)
 
     signal.signal(signal.SIGWINCH, stop)  # TERM and INT are the reactor's
     ready(server.server_address[1])
+    before = gc.get_stats()
     prof.enable()
     server.serve_forever()
 
@@ -106,6 +115,9 @@ def main(argv=None):
     n = r.get("requests")
     stats = pstats.Stats(out)
     os.unlink(out)
+    with open(out + ".gc") as f:
+        collected = json.load(f)
+    os.unlink(out + ".gc")
     own, calls = {}, {}
     for (filename, _line, name), (cc, nc, tt, ct, callers) in stats.stats.items():
         key = layer(filename, name)
@@ -116,6 +128,9 @@ def main(argv=None):
     for key in sorted(own, key=own.get, reverse=True):
         print("  %-28s %5.1f%%  %6.2f us  %5.1f calls" % (
             key, 100 * own[key] / total, own[key] * 1e6 / n, calls[key] / n))
+    print("cyclic garbage collector: %.2f collections and %.1f objects freed by it per "
+          "request (objects in reference cycles outlive their connection)" % (
+              collected["collections"] / n, collected["collected"] / n))
     top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:25]
     print("top functions by own time (us/request, calls/request):")
     for (filename, line, name), (cc, nc, tt, ct, callers) in top:

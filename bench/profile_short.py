@@ -2,18 +2,21 @@
 
     python bench/profile_short.py [--seconds 10] [--conc 16] [--out bench/profile-short-unpinned.svg]
 
-Starts ``ours: TCPSpork prefork=2`` (bench/servers/ours.py) with every process free on all
+Starts ``ours: TCPSpork prefork=2`` (bench/servers/ours.py; ``--peer spoon-1.0.6`` for the
+original, ``--tree DIR`` for ours from another checkout) with every process free on all
 cores, drives it with the generator's short exchange (also unpinned), and records its
-workers with py-spy (``--subprocesses``; ``--native`` adds the C frames of greenlet and CPython; py-spy stops
-the process for each sample, which adds some system time) into a
-flame graph.  py-spy is installed on first use into bench/out/venv-tools (from PyPI), never
-into the project's environment.  It also prints the server's user/system CPU split per
-request from /proc, which py-spy cannot see (system time is charged to the Python line that
-made the call).  Run it under ``flock /work/notes/bench.lock`` on a shared host.
+workers with py-spy (``--subprocesses``; ``--native`` adds the C frames of greenlet and
+CPython) into a flame graph, or with ``--perf`` records them with perf and prints their
+on-CPU time by binary: the kernel, libpython (all Python code), greenlet, libc.  py-spy is
+installed on first use into bench/out/venv-tools (from PyPI), never into the project's
+environment; it stops the process for each sample, which adds some system time.  Also
+prints the workers' user/system CPU split per request from /proc.  Run it under
+``flock /work/notes/bench.lock`` on a shared host.
 """
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -63,9 +66,17 @@ def main(argv=None):
     p.add_argument("--no-spy", action="store_true", help="only the user/system split")
     p.add_argument("--raw", action="store_true", help="collapsed stacks instead of an SVG")
     p.add_argument("--native", action="store_true", help="C frames too (greenlet, CPython)")
+    p.add_argument("--perf", action="store_true",
+                   help="instead of py-spy: perf record, on-CPU time by binary (kernel, "
+                        "libpython, greenlet, libc)")
+    p.add_argument("--tree", default=None, help="serve ours from this checkout instead")
     args = p.parse_args(argv)
-    exe = None if args.no_spy else py_spy()
+    exe = None if args.no_spy or args.perf else py_spy()
     peer = next(peer for peer in PEERS if peer.name == args.peer)
+    if args.tree:
+        peer = peers.Peer(peer.name, peer.label, peer.model, script=os.path.join(
+            os.path.abspath(args.tree), "bench", "servers", "ours.py"), args=peer.args,
+            workers=peer.workers)
     python = sys.executable
     if peer.env != "project":
         python, err = peers.ensure_env(peer.env)
@@ -81,9 +92,18 @@ def main(argv=None):
                                 "--output", args.out, "--pid", str(server.pid),
                                 "--subprocesses"] + (["--native"] if args.native else []),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        recorder = None
+        if args.perf:
+            data = os.path.join(OUT, "perf-%s.data" % peer.name)
+            recorder = subprocess.Popen(["perf", "record", "-F", "2000", "-o", data, "-p",
+                                         ",".join(map(str, workers))],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = scenarios.loadgen("short", server.port, s, args.conc, cpus=None,
                               measure_pid=server.pid, duration=args.seconds)
         after = user_system(workers)
+        if recorder is not None:
+            recorder.send_signal(signal.SIGINT)
+            recorder.wait(timeout=60)
         out = spy.communicate(timeout=60)[0] if spy else ""
     n = r.get("requests") or 0
     user, system = after[0] - before[0], after[1] - before[1]
@@ -92,6 +112,17 @@ def main(argv=None):
         print("workers: user %.1f us/req, system %.1f us/req (%d requests%s)" % (
                   user * 1e6 / n, system * 1e6 / n, n, "" if spy is None else
                   "; py-spy overhead included"))
+    if args.perf and n:
+        report = subprocess.run(["perf", "report", "-i", data, "--sort", "dso", "--stdio"],
+                                capture_output=True, text=True, timeout=300).stdout
+        total = r.get("server_cpu_per_req_us") or 0
+        print("on-CPU time of the workers by binary (share, us/request of %.1f):" % total)
+        for line in report.splitlines():
+            if line.strip() and not line.startswith("#"):
+                share, dso = line.split(None, 1)
+                share = float(share.rstrip("%"))
+                if share >= 0.2:
+                    print("  %5.1f%%  %5.1f us  %s" % (share, share * total / 100, dso.strip()))
     print("load average %.2f %.2f %.2f" % os.getloadavg())
     print(out.strip().splitlines()[-1] if out.strip() else "py-spy: no output")
 

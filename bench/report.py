@@ -101,6 +101,8 @@ def targets(results):
             row[3] = "not met"
         row = tuple(row)
     rows.append(row)
+    for n in PINGPONG_ISSUE13_CONC:
+        rows.append(pingpong_row(results, n, ours, stand_in))
     rows.extend(shape_targets(results))
     rel = _get(results, ours, "slowloris", "relative")
     rows.append(("slowloris: fast-client throughput vs clean (ours)", "≥ 0.9x",
@@ -144,6 +146,24 @@ def targets(results):
                      % (cow.get("workers"), cow.get("mib")), "< 1.5x", _f(ratio, "%.2fx"),
                      "pending" if ratio is None else ("met" if ratio < 1.5 else "not met"), "issue 3"))
     return rows
+
+
+#: Ping-pong against the original at these many persistent clients (issue 13: >= 2x its
+#: req/s with every client served).
+PINGPONG_ISSUE13_CONC = (16, 100)
+
+
+def pingpong_row(results, n, ours, note):
+    row = list(_ratio_row(
+        "ping-pong req/s with %d clients, ours vs original (issue 13)" % n, "≥ 2x, all served",
+        _get(results, ours, "pingpong", n, "rps"), _get(results, "spoon-1.0.6", "pingpong", n, "rps"),
+        "%.2fx (%.0f vs %.0f req/s)", lambda r: r >= 2, note))
+    served = _get(results, ours, "pingpong", n, "served_fraction")
+    if served is not None and row[2] != "–":
+        row[2] += ", ours served %.0f%%" % (served * 100)
+        if served < 1.0:
+            row[3] = "not met"
+    return tuple(row)
 
 
 #: Per load shape (bench/shapes.py): the number of clients its target is read at.

@@ -28,7 +28,7 @@ class Settings:
         self.warmup = 0.2 if quick else 0.5
         self.duration = 0.6 if quick else 2.0
         self.short_conc = [1, 8, 64]
-        self.pingpong_conc = [1, 100, 1000] if quick else [1, 10, 100, 1000]
+        self.pingpong_conc = [1, 16, 100, 1000] if quick else [1, 10, 16, 100, 1000]
         self.slowloris_conns = 200
         self.slowloris_fast = 8
         self.cpu_conc = 8

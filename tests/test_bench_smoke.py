@@ -91,3 +91,18 @@ def test_each_load_shape_gets_a_tcpspork_vs_original_row_read_with_its_spread():
     del results["shapes"]["pinned"]["peers"]["spoon-1.0.6"]
     rows = {r[0]: r for r in report.shape_targets(results)}
     assert rows["CPU/request, TCPSpork vs spoon 1.0.6, pinned c=8, median of 3"][3] == "pending"
+
+
+def test_pingpong_against_the_original_is_met_only_with_every_client_served():
+    report = bench_module("report")
+
+    def peer(rps, served):
+        return {"status": "ok", "pingpong": {16: {"rps": rps, "served_fraction": served}}}
+
+    results = {"peers": {"spork": peer(30000.0, 1.0), "spoon-1.0.6": peer(10000.0, 0.125)}}
+    row = report.pingpong_row(results, 16, "spork", "")
+    assert row[2] == "3.00x (30000 vs 10000 req/s), ours served 100%" and row[3] == "met"
+    results["peers"]["spork"] = peer(30000.0, 0.5)
+    assert report.pingpong_row(results, 16, "spork", "")[3] == "not met"
+    results["peers"]["spork"] = peer(15000.0, 1.0)
+    assert report.pingpong_row(results, 16, "spork", "")[3] == "not met"
