@@ -33,6 +33,7 @@ own TCP transport) for any other factory (:func:`serve_twisted`).
 
 import errno
 import logging
+import os
 import socket
 
 from twisted.internet import defer
@@ -70,7 +71,7 @@ class OneByOnePort:
         self.reactor = reactor
         self.family = sock.family
         self.serve = serve or (lambda conn, peer: serve_twisted(conn, peer, factory, reactor))
-        self.socket = sock.dup()
+        self.socket = ListeningSocket(sock)
         self.socket.setblocking(False)
         self._listening = False
         self._accept_scheduled = False
@@ -225,6 +226,28 @@ class OneByOnePort:
             _log.exception("could not start serving a connection from %s", peer)
             conn.close()
         return True
+
+
+class ListeningSocket(socket.socket):
+    """A duplicate of a listening stream socket whose ``accept()`` skips the per-call
+    work of ``socket.socket.accept`` this port does not need: reading ``family`` and
+    ``type`` back through their enum conversions (four Python calls each) and the
+    default-timeout checks.  It builds the accepted socket from the descriptor and
+    address that the base class's own ``_accept()`` (what ``socket.accept`` itself is
+    made of) returns, with the family and type known at construction."""
+
+    def __init__(self, sock):
+        self._accept_family = sock.family
+        super().__init__(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+
+    def accept(self):
+        fd, peer = self._accept()
+        conn = socket.socket(self._accept_family, socket.SOCK_STREAM, 0, fd)
+        if socket.getdefaulttimeout() is not None:
+            # A process-wide default timeout would make every recv/send wait for the
+            # socket to be ready first, MSG_DONTWAIT or not: undo it (rare: an ioctl).
+            conn.settimeout(None)
+        return conn, peer
 
 
 def serve_twisted(conn, peer, factory, reactor):

@@ -192,3 +192,32 @@ def test_lean_transport_never_blocks_on_an_accepted_socket_left_in_blocking_mode
         assert _in_thread(lean.doRead)  # spurious wake-up: nothing to read, no wait
     finally:
         conn.close()
+
+
+def test_accepted_sockets_keep_their_family_and_ignore_a_default_timeout():
+    """What the port hands over is a plain blocking-mode stream socket of the listening
+    socket's family, even with a process-wide default timeout (under which recv and send
+    would first wait for the socket to be ready, MSG_DONTWAIT or not)."""
+    sock = socket.socket(socket.AF_INET6)
+    sock.bind(("::1", 0))
+    sock.listen(8)
+    port, reactor, factory, served = make_port(sock, keep_open=lambda: True)
+    client = socket.create_connection(sock.getsockname()[:2], timeout=5)
+    client_address = client.getsockname()
+    socket.setdefaulttimeout(5.0)
+    try:
+        wait_for(lambda: _queued(sock))
+        port.doRead()
+    finally:
+        socket.setdefaulttimeout(None)
+        client.close()
+    try:
+        (conn,) = served
+        assert (conn.family, conn.type) == (socket.AF_INET6, socket.SOCK_STREAM)
+        assert conn.gettimeout() is None and not conn.get_inheritable()
+        assert conn.getpeername() == client_address
+    finally:
+        port.stopListening()
+        for conn in served:
+            conn.close()
+        sock.close()
