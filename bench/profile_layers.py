@@ -57,9 +57,10 @@ def layer(filename, name):
     return "other Python"
 
 
-def serve(out, seconds):
-    """Child: a TCPSpoon serving the bench's echo handler under cProfile."""
-    sys.path.insert(0, ROOT)
+def serve(out, tree):
+    """Child: a TCPSpoon (spoon from checkout ``tree``) serving the bench's echo handler
+    under cProfile."""
+    sys.path.insert(0, tree)
     sys.path.insert(0, os.path.join(HERE, "servers"))
     from handlers import make_handlers, ready
     from spoon.server import Gulp, TCPSpoon
@@ -92,13 +93,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--conc", type=int, default=16)
+    p.add_argument("--tree", default=ROOT, help="profile spoon from this checkout")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return serve(args.child, args.seconds)
+        return serve(args.child, os.path.abspath(args.tree))
     out = tempfile.mktemp(prefix="spoon-layers-", suffix=".prof")
-    child = subprocess.Popen([sys.executable, __file__, "--child", out], stdout=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen([sys.executable, __file__, "--child", out, "--tree", args.tree],
+                             stdout=subprocess.PIPE, text=True)
     try:
         line = child.stdout.readline()
         port = int(line.split()[1])

@@ -26,6 +26,7 @@ sys.path.insert(0, HERE)
 
 import scenarios  # noqa: E402
 import peers  # noqa: E402
+import procstat  # noqa: E402
 from peers import OUT, PEERS, Server, log  # noqa: E402
 
 TOOLS = os.path.join(OUT, "venv-tools")
@@ -39,21 +40,6 @@ def py_spy():
         subprocess.run([os.path.join(TOOLS, "bin", "pip"), "install", "-q",
                         "--disable-pip-version-check", "py-spy"], check=True, timeout=600)
     return exe
-
-
-def user_system(pids):
-    """(utime, stime) in seconds of ``pids``, reaped children included."""
-    tick = os.sysconf("SC_CLK_TCK")
-    u = s = 0
-    for pid in pids:
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        u += int(fields[11]) + int(fields[13])
-        s += int(fields[12]) + int(fields[14])
-    return u / tick, s / tick
 
 
 def main(argv=None):
@@ -86,12 +72,14 @@ def main(argv=None):
     s.warmup = 0.5
     with Server(peer, "echo", python, None, tag="-profile").start() as server:
         workers = server.worker_pids()
-        before = user_system(workers)
-        spy = None if exe is None else subprocess.Popen([exe, "record", "--format", "raw" if args.raw else "flamegraph",
-                                "--rate", str(args.rate), "--duration", str(int(args.seconds)),
-                                "--output", args.out, "--pid", str(server.pid),
-                                "--subprocesses"] + (["--native"] if args.native else []),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        before = procstat.user_system_seconds(workers)
+        spy = None
+        if exe is not None:
+            argv = [exe, "record", "--format", "raw" if args.raw else "flamegraph",
+                    "--rate", str(args.rate), "--duration", str(int(args.seconds)),
+                    "--output", args.out, "--pid", str(server.pid), "--subprocesses"]
+            spy = subprocess.Popen(argv + (["--native"] if args.native else []),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         recorder = None
         if args.perf:
             data = os.path.join(OUT, "perf-%s.data" % peer.name)
@@ -100,7 +88,7 @@ def main(argv=None):
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = scenarios.loadgen("short", server.port, s, args.conc, cpus=None,
                               measure_pid=server.pid, duration=args.seconds)
-        after = user_system(workers)
+        after = procstat.user_system_seconds(workers)
         if recorder is not None:
             recorder.send_signal(signal.SIGINT)
             recorder.wait(timeout=60)
@@ -124,7 +112,8 @@ def main(argv=None):
                 if share >= 0.2:
                     print("  %5.1f%%  %5.1f us  %s" % (share, share * total / 100, dso.strip()))
     print("load average %.2f %.2f %.2f" % os.getloadavg())
-    print(out.strip().splitlines()[-1] if out.strip() else "py-spy: no output")
+    if spy is not None:
+        print(out.strip().splitlines()[-1] if out.strip() else "py-spy: no output")
 
 
 if __name__ == "__main__":
