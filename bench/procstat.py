@@ -47,17 +47,23 @@ def descendants(root):
     return [pid for pid in tree(root) if pid != root]
 
 
-def cpu_seconds(pids):
-    """utime + stime of ``pids`` (all their threads) plus the CPU of children they have
-    reaped (cutime + cstime: the forking servers' finished children)."""
-    total = 0
+def user_system_seconds(pids):
+    """(user, system) CPU seconds of ``pids`` (all their threads), each with the CPU of
+    children they have reaped (cutime, cstime: the forking servers' finished children)."""
+    user = system = 0
     for pid in pids:
         try:
             f = _stat_fields(pid)
         except (OSError, IndexError):
             continue
-        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return total / _TICK
+        user += int(f[11]) + int(f[13])
+        system += int(f[12]) + int(f[14])
+    return user / _TICK, system / _TICK
+
+
+def cpu_seconds(pids):
+    """utime + stime of ``pids`` plus the CPU of children they have reaped."""
+    return sum(user_system_seconds(pids))
 
 
 def _status_kib(pid, key):

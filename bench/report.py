@@ -101,6 +101,9 @@ def targets(results):
             row[3] = "not met"
         row = tuple(row)
     rows.append(row)
+    for n in PINGPONG_ISSUE13_CONC:
+        rows.append(pingpong_row(results, n, ours, stand_in))
+    rows.extend(shape_targets(results))
     rel = _get(results, ours, "slowloris", "relative")
     rows.append(("slowloris: fast-client throughput vs clean (ours)", "≥ 0.9x",
                  _f(rel, "%.2fx"), "pending" if rel is None else ("met" if rel >= 0.9 else "not met"),
@@ -142,6 +145,59 @@ def targets(results):
         rows.append(("copy-on-write: PSS of supervisor + %s workers vs one process, %s MiB config"
                      % (cow.get("workers"), cow.get("mib")), "< 1.5x", _f(ratio, "%.2fx"),
                      "pending" if ratio is None else ("met" if ratio < 1.5 else "not met"), "issue 3"))
+    return rows
+
+
+#: Ping-pong against the original at these many persistent clients (issue 13: >= 2x its
+#: req/s with every client served).
+PINGPONG_ISSUE13_CONC = (16, 100)
+
+
+def pingpong_row(results, n, ours, note):
+    row = list(_ratio_row(
+        "ping-pong req/s with %d clients, ours vs original (issue 13)" % n, "≥ 2x, all served",
+        _get(results, ours, "pingpong", n, "rps"), _get(results, "spoon-1.0.6", "pingpong", n, "rps"),
+        "%.2fx (%.0f vs %.0f req/s)", lambda r: r >= 2, note))
+    served = _get(results, ours, "pingpong", n, "served_fraction")
+    if served is not None and row[2] != "–":
+        row[2] += ", ours served %.0f%%" % (served * 100)
+        if served < 1.0:
+            row[3] = "not met"
+    return tuple(row)
+
+
+#: Per load shape (bench/shapes.py): the number of clients its target is read at.
+SHAPE_TARGET_CONC = {"pinned": 8, "unpinned": 16}
+
+
+def _shape_cell(results, shape, peer, conc):
+    cell = (((results.get("shapes") or {}).get(shape) or {}).get("peers") or {}).get(peer) or {}
+    cell = cell.get(conc, cell.get(str(conc))) or {}
+    cpu = cell.get("cpu_us") or {}
+    return cpu if cpu.get("median") is not None else None
+
+
+def shape_targets(results):
+    """One row per load shape: TCPSpork's server CPU per short request against the
+    original spoon 1.0.6's, the ratio of the medians, with each side's min-max spread."""
+    rows = []
+    for shape, data in sorted((results.get("shapes") or {}).items()):
+        conc = SHAPE_TARGET_CONC.get(shape, (data.get("concs") or [None])[0])
+        ours = _shape_cell(results, shape, "spork", conc)
+        theirs = _shape_cell(results, shape, "spoon-1.0.6", conc)
+        name = "CPU/request, TCPSpork vs spoon 1.0.6, %s c=%s, median of %s" % (
+            shape, conc, data.get("reps"))
+        load = data.get("load") or {}
+        note = "load avg %s-%s" % (_f(load.get("min"), "%.1f"), _f(load.get("max"), "%.1f"))
+        if ours is None or theirs is None:
+            rows.append((name, "≤ 1.0x", "–", "pending", note))
+            continue
+        r = ours["median"] / theirs["median"]
+        low, high = ours["min"] / theirs["max"], ours["max"] / theirs["min"]
+        if low <= 1.0 < high:
+            note += "; 1.0x is within the spread"
+        rows.append((name, "≤ 1.0x", "%.2fx (%.1f vs %.1f µs; spread %.2f-%.2fx)" % (
+            r, ours["median"], theirs["median"], low, high), "met" if r <= 1.0 else "not met", note))
     return rows
 
 
@@ -361,6 +417,7 @@ def markdown(results, plots):
                       "peak RSS growth MiB", "complete"], rows))
     md.append(_notes(results, "large"))
 
+    md.append(_shapes_md(results))
     md.append(_prefork_md(results))
     md.append("## Plots\n")
     if plots:
@@ -374,6 +431,33 @@ def markdown(results, plots):
                       for name, e in _peers(results)]))
     md.append("")
     return "\n".join(md)
+
+
+def _shapes_md(results):
+    data = results.get("shapes")
+    if not data:
+        return ""
+    labels = {name: e["label"] for name, e in _peers(results)}
+    md = ["## 1b. Load shapes: CPU per short request, repeated\n",
+          "The short-connection exchange of scenario 1 against the pre-forked peers "
+          "(`bench/shapes.py`), each repetition on a fresh server, the peers in interleaved "
+          "rounds; median, min and max of the repetitions.\n"]
+    rows = []
+    for shape, d in sorted(data.items()):
+        load = d.get("load") or {}
+        for name, per_conc in d.get("peers", {}).items():
+            for conc, cell in sorted(per_conc.items(), key=lambda kv: int(kv[0])):
+                cpu, rps = cell.get("cpu_us") or {}, cell.get("rps") or {}
+                rows.append(("%s (%s)" % (shape, d.get("text")), labels.get(name, name), conc,
+                             len(cpu.get("runs") or []), _f(cpu.get("median")), _f(cpu.get("min")),
+                             _f(cpu.get("max")), _int(rps.get("median")),
+                             _int(cell.get("errors")),
+                             "%s-%s" % (_f(load.get("min")), _f(load.get("max")))))
+        for name, why in (d.get("failures") or {}).items():
+            rows.append((shape, labels.get(name, name), "–", "–", "failed: " + why, "", "", "", "", ""))
+    md.append(_table(["shape", "peer", "clients", "runs", "CPU µs/req median", "min", "max",
+                      "req/s median", "errors", "load avg"], rows))
+    return "\n".join(md) + "\n"
 
 
 def _prefork_md(results):

@@ -22,9 +22,10 @@ import loadgen  # noqa: E402
 import peers as peers_mod  # noqa: E402
 import report  # noqa: E402
 import scenarios  # noqa: E402
+import shapes  # noqa: E402
 from peers import OUT, PEERS, ROOT, Server, log  # noqa: E402
 
-SCENARIOS = ["short", "pingpong", "slowloris", "cpu", "memory", "large", "prefork"]
+SCENARIOS = ["short", "pingpong", "slowloris", "cpu", "memory", "large", "shapes", "prefork"]
 
 
 def machine():
@@ -145,6 +146,7 @@ def main(argv=None):
         "settings": {k: v for k, v in vars(s).items()},
         "machine": machine(),
         "revision": git_revision(),
+        "loadavg": {"start": os.getloadavg()},
         "versions": {
             "python": platform.python_version(),
             "spoon (ours)": _dist_version("spoon"),
@@ -196,10 +198,15 @@ def main(argv=None):
                 # e.g. a Spork that did not fork: its numbers are not the Spork's.
                 entry["status"] = "pending: " + "; ".join(entry["notes"])
         results["peers"][p.name] = entry
+    if "shapes" in args.scenario_names:
+        runnable = [p for p in selected if p.name in shapes.PEERS and not p.unavailable]
+        log("load shapes, %d rounds: %s" % (s.shape_reps, ", ".join(p.name for p in runnable)))
+        results["shapes"] = shapes.run(runnable, envs, s, s.shape_reps)
     if "prefork" in args.scenario_names:
         log("pre-fork balance and copy-on-write (bench/prefork_*.py)")
         results["prefork"] = scenarios.prefork_extras(s)
     results["elapsed_s"] = time.monotonic() - t0
+    results["loadavg"]["end"] = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, sort_keys=True, default=str)

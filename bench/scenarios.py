@@ -28,13 +28,14 @@ class Settings:
         self.warmup = 0.2 if quick else 0.5
         self.duration = 0.6 if quick else 2.0
         self.short_conc = [1, 8, 64]
-        self.pingpong_conc = [1, 100, 1000] if quick else [1, 10, 100, 1000]
+        self.pingpong_conc = [1, 16, 100, 1000] if quick else [1, 10, 16, 100, 1000]
         self.slowloris_conns = 200
         self.slowloris_fast = 8
         self.cpu_conc = 8
         self.cpu_duration = 1.0 if quick else 3.0
         self.idle_steps = [0, 1000] if quick else [0, 1000, 5000, 10000]
         self.big_bytes = (20 if quick else 100) << 20
+        self.shape_reps = 3  # repetitions of each load shape (bench/shapes.py)
         ncpu = len(os.sched_getaffinity(0))
         self.all_cpus = sorted(os.sched_getaffinity(0))
         if ncpu >= 2:
@@ -64,7 +65,7 @@ def loadgen(mode, port, s, conc, cpus=None, procs=1, measure_pid=None, extra=(),
     return json.loads(lines[-1])
 
 
-def _brief(r):
+def brief(r):
     keys = ("rps", "p99_ms", "server_cpu_per_req_us", "served_fraction", "errors", "bad")
     parts = []
     for k in keys:
@@ -82,7 +83,7 @@ def short(server, s):
     results = {}
     for conc in s.short_conc:
         r = loadgen("short", server.port, s, conc, cpus=s.gen_cpus, measure_pid=server.pid)
-        log("  short c=%d: %s" % (conc, _brief(r)))
+        log("  short c=%d: %s" % (conc, brief(r)))
         results[conc] = r
     return results
 
@@ -116,7 +117,7 @@ def slowloris(server, s, clean):
     clean_rps = clean.get("rps") or 0.0
     fast["slow_connected"] = int(ready.split()[1]) if ready else 0
     fast["relative"] = fast["rps"] / clean_rps if clean_rps else None
-    log("  slowloris: %s relative=%s" % (_brief(fast), fast["relative"]))
+    log("  slowloris: %s relative=%s" % (brief(fast), fast["relative"]))
     return fast
 
 
@@ -143,7 +144,7 @@ def pingpong(server, s):
     results = {}
     for conc in s.pingpong_conc:
         r = loadgen("pingpong", server.port, s, conc, cpus=s.gen_cpus, measure_pid=server.pid)
-        log("  pingpong c=%d: %s" % (conc, _brief(r)))
+        log("  pingpong c=%d: %s" % (conc, brief(r)))
         results[conc] = r
     return results
 
@@ -167,7 +168,7 @@ def cpu_bound(server, s):
         r["balance"] = (max(counts) / min(counts)) if min(counts) else float("inf")
     else:
         r["balance"] = None
-    log("  cpu-bound: %s balance=%s per_worker=%s" % (_brief(r), r["balance"], r["per_worker"]))
+    log("  cpu-bound: %s balance=%s per_worker=%s" % (brief(r), r["balance"], r["per_worker"]))
     return r
 
 
@@ -353,7 +354,7 @@ def ceiling(s):
         for mode, conc in (("short", 64), ("pingpong", 100)):
             r = loadgen(mode, port, s, conc, cpus=s.gen_cpus, measure_pid=proc.pid)
             log("  ceiling %s c=%d: %s gen_cpu/req=%.1f us" % (
-                mode, conc, _brief(r), r.get("gen_cpu_per_req_us") or 0))
+                mode, conc, brief(r), r.get("gen_cpu_per_req_us") or 0))
             result[mode] = r
         return result
     finally:

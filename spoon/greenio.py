@@ -24,6 +24,7 @@ from zope.interface import Interface, implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
 from spoon.pool.stats import COUNTERS
+from spoon.transport import IDeliversWaitingInput
 
 __all__ = [
     "GulpFactory",
@@ -202,9 +203,20 @@ class GulpProtocol(Protocol):
             if self._preface is None:
                 self._started = True  # refused and closed: no handler, ever
             return
-        if not factory.lazy_start:
+        if not factory.lazy_start and not IDeliversWaitingInput.providedBy(self.transport):
             self._started = True
             factory.pool.spawn(self._run_handler)
+
+    def input_checked(self):
+        """The transport delivered the input that waited at accept (IDeliversWaitingInput):
+        start the handler now if that input did not (a request already there is in the
+        buffer: the handler runs without suspending for it).  Behind a preface (PROXY
+        header) the handler starts once the preface is read instead."""
+        if self._preface is not None:
+            return
+        if not self._started and not self.factory.lazy_start and not self._closed:
+            self._started = True
+            self.factory.pool.spawn(self._run_handler)
 
     def _preface_done(self, client_address, rest):
         self._preface = None

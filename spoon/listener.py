@@ -33,6 +33,7 @@ own TCP transport) for any other factory (:func:`serve_twisted`).
 
 import errno
 import logging
+import os
 import socket
 
 from twisted.internet import defer
@@ -55,7 +56,8 @@ RESOURCE_RETRY_MAX = 1.0
 class OneByOnePort:
     """Serve ``factory`` on the already listening stream socket ``sock`` (not closed here;
     the port works on its own duplicate of the descriptor).  ``serve(conn, peer)`` starts
-    serving one accepted, non-blocking socket; default :func:`serve_twisted`."""
+    serving one accepted socket (in blocking mode: the serving transport does not block
+    on it, see :meth:`_accept_one`); default :func:`serve_twisted`."""
 
     #: Upper bound of connections accepted in one wake-up.
     accepts_per_read = 64
@@ -69,7 +71,7 @@ class OneByOnePort:
         self.reactor = reactor
         self.family = sock.family
         self.serve = serve or (lambda conn, peer: serve_twisted(conn, peer, factory, reactor))
-        self.socket = sock.dup()
+        self.socket = ListeningSocket(sock)
         self.socket.setblocking(False)
         self._listening = False
         self._accept_scheduled = False
@@ -214,13 +216,38 @@ class OneByOnePort:
                     continue
                 raise  # out of descriptors or memory: the caller waits a little
             break
-        conn.setblocking(False)
+        # The accepted socket is left in blocking mode (accept4 is called without
+        # SOCK_NONBLOCK and setblocking would cost an ioctl per connection): the lean
+        # transport passes MSG_DONTWAIT on each call, Twisted's own transport switches
+        # its socket to non-blocking itself.
         try:
             self.serve(conn, peer)
         except Exception:
             _log.exception("could not start serving a connection from %s", peer)
             conn.close()
         return True
+
+
+class ListeningSocket(socket.socket):
+    """A duplicate of a listening stream socket whose ``accept()`` skips the per-call
+    work of ``socket.socket.accept`` this port does not need: reading ``family`` and
+    ``type`` back through their enum conversions (four Python calls each) and the
+    default-timeout checks.  It builds the accepted socket from the descriptor and
+    address that the base class's own ``_accept()`` (what ``socket.accept`` itself is
+    made of) returns, with the family and type known at construction."""
+
+    def __init__(self, sock):
+        self._accept_family = sock.family
+        super().__init__(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+
+    def accept(self):
+        fd, peer = self._accept()
+        conn = socket.socket(self._accept_family, socket.SOCK_STREAM, 0, fd)
+        if socket.getdefaulttimeout() is not None:
+            # A process-wide default timeout would make every recv/send wait for the
+            # socket to be ready first, MSG_DONTWAIT or not: undo it (rare: an ioctl).
+            conn.settimeout(None)
+        return conn, peer
 
 
 def serve_twisted(conn, peer, factory, reactor):

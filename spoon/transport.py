@@ -31,7 +31,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 #: Bytes asked of ``recv`` per read.
 READ_SIZE = 65536
@@ -41,15 +41,38 @@ BUFFER_SIZE = 65536
 SEND_LIMIT = 128 * 1024
 
 _WOULD_BLOCK = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS)
+#: Every recv and send passes this flag: the socket itself may stay in blocking mode (no
+#: ``ioctl(FIONBIO)`` per accepted connection) and no call of ours ever waits.
+_DONTWAIT = socket.MSG_DONTWAIT
+
+
+class IDeliversWaitingInput(Interface):
+    """A transport that, right after ``connectionMade``, delivers the input already waiting
+    on its socket (``dataReceived``, ``readConnectionLost``), then calls the protocol's
+    ``input_checked()``.
+
+    A protocol that would start work at ``connectionMade`` (GulpProtocol: the handler's
+    greenlet) can wait for that call instead: a request that was already there is then
+    in its buffer when the work starts, and it runs to completion without suspending for
+    input and being woken again.
+    """
 
 
 def _lost(exc=None):
     return Failure(error.ConnectionLost(str(exc) if exc else "Connection lost"))
 
 
-@implementer(ITCPTransport, IReadWriteDescriptor, IConsumer, IPushProducer, ISystemHandle)
+@implementer(
+    ITCPTransport,
+    IReadWriteDescriptor,
+    IConsumer,
+    IPushProducer,
+    ISystemHandle,
+    IDeliversWaitingInput,
+)
 class LeanConnection:
-    """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``).
+    """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``, or any protocol
+    with an ``input_checked()`` method: see :class:`IDeliversWaitingInput`).
 
     ``peer`` is the address ``accept()`` returned; the Twisted address objects are built
     only when asked for.
@@ -77,18 +100,22 @@ class LeanConnection:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self):
-        """Connect the protocol, then read whatever already waits on the socket."""
-        self.protocol.makeConnection(self)
+        """Connect the protocol, read whatever already waits on the socket, tell the
+        protocol so (:class:`IDeliversWaitingInput`), and wait for more only if needed."""
+        protocol = self.protocol
+        protocol.makeConnection(self)
         while self.connected and not self._read_closed and not self._read_stopped:
             if not self._read_once():
                 break
+        if self.connected:
+            protocol.input_checked()
         if self.connected and not self._read_closed and not self._read_stopped:
             self._start_reading()
 
     def _read_once(self):
         """One ``recv``: deliver data or EOF. Returns True if something was delivered."""
         try:
-            data = self.socket.recv(READ_SIZE)
+            data = self.socket.recv(READ_SIZE, _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 return False
@@ -149,7 +176,8 @@ class LeanConnection:
         out = self._out
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self.socket.send(data[:SEND_LIMIT] if len(data) > SEND_LIMIT else data)
+            sent = self.socket.send(data[:SEND_LIMIT] if len(data) > SEND_LIMIT else data,
+                                    _DONTWAIT)
         except OSError as e:
             if e.errno in _WOULD_BLOCK:
                 self._out = [data]
@@ -191,7 +219,7 @@ class LeanConnection:
             return
         if not self._out:
             try:
-                sent = self.socket.send(data)
+                sent = self.socket.send(data, _DONTWAIT)
             except OSError as e:
                 if e.errno not in _WOULD_BLOCK:
                     self._close_now(_lost(e))
@@ -304,8 +332,9 @@ def serve_accepted(sock, peer, factory, reactor):
     """Serve a freshly accepted socket with ``factory``'s (a GulpFactory) protocol on a
     LeanConnection.
 
-    ``sock`` must be non-blocking.  Returns the transport, or None if the factory refused
-    the connection.
+    ``sock`` may be in blocking mode: every recv and send of the transport passes
+    ``MSG_DONTWAIT``.  Returns the transport, or None if the factory refused the
+    connection.
     """
     # GulpFactory.buildProtocol ignores its address argument: don't build one.
     protocol = factory.buildProtocol(None)

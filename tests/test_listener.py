@@ -89,6 +89,9 @@ def test_stops_at_the_first_connection_left_open(listener):
     wait_for(lambda: _queued(sock))
     port.doRead()
     assert len(served) == 1  # its handler waits for input: poll again before the next
+    # Handed over as accept() made it: no ioctl(FIONBIO) per connection (the transports
+    # do not block on it, test_lean_transport_never_blocks_... below).
+    assert served[0].getblocking()
 
 
 def test_with_open_connections_accepts_only_after_the_iteration(listener):
@@ -118,3 +121,103 @@ def test_stop_listening_drains_the_queue_then_closes(listener):
     assert port.fileno() == -1
     # The shared socket itself stays open for the other workers.
     assert sock.fileno() != -1
+
+
+class Recorder:
+    """A plain Twisted protocol that records what the transport delivers."""
+
+    def __init__(self):
+        self.data = []
+        self.transport = None
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def dataReceived(self, data):
+        self.data.append(data)
+
+    def readConnectionLost(self):
+        self.data.append(b"<EOF>")
+
+    def input_checked(self):
+        """The lean transport calls this once the waiting input is delivered."""
+
+    def connectionLost(self, reason):
+        pass
+
+
+class RecorderFactory:
+    def __init__(self):
+        self.protocol = Recorder()
+
+    def buildProtocol(self, addr):
+        return self.protocol
+
+
+def _in_thread(fn, timeout=5.0):
+    """Run ``fn`` in a thread; True if it returned within ``timeout`` (False: it blocked)."""
+    import threading
+
+    done = threading.Event()
+
+    def run():
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(timeout)
+
+
+def test_lean_transport_never_blocks_on_an_accepted_socket_left_in_blocking_mode(listener):
+    from spoon import transport
+
+    sock, connect = listener
+    connect(1)
+    wait_for(lambda: _queued(sock))
+    conn, peer = sock.accept()
+    assert conn.getblocking()  # as the listening port hands it over: no ioctl per accept
+    reactor = MemoryReactorClock()
+    factory = RecorderFactory()
+    served = []
+    try:
+        # Nothing waits yet: start() must return and register for reading, not wait.
+        assert _in_thread(lambda: served.append(transport.serve_accepted(conn, peer, factory,
+                                                                         reactor)))
+        lean = served[0]
+        assert lean in reactor.getReaders() and factory.protocol.data == []
+        # Nor may a write larger than the socket buffers wait for the client to read.
+        big = b"x" * (16 << 20)
+        assert _in_thread(lambda: lean.write(big))
+        assert lean in reactor.getWriters()
+        assert _in_thread(lean.doRead)  # spurious wake-up: nothing to read, no wait
+    finally:
+        conn.close()
+
+
+def test_accepted_sockets_keep_their_family_and_ignore_a_default_timeout():
+    """What the port hands over is a plain blocking-mode stream socket of the listening
+    socket's family, even with a process-wide default timeout (under which recv and send
+    would first wait for the socket to be ready, MSG_DONTWAIT or not)."""
+    sock = socket.socket(socket.AF_INET6)
+    sock.bind(("::1", 0))
+    sock.listen(8)
+    port, reactor, factory, served = make_port(sock, keep_open=lambda: True)
+    client = socket.create_connection(sock.getsockname()[:2], timeout=5)
+    client_address = client.getsockname()
+    socket.setdefaulttimeout(5.0)
+    try:
+        wait_for(lambda: _queued(sock))
+        port.doRead()
+    finally:
+        socket.setdefaulttimeout(None)
+        client.close()
+    try:
+        (conn,) = served
+        assert (conn.family, conn.type) == (socket.AF_INET6, socket.SOCK_STREAM)
+        assert conn.gettimeout() is None and not conn.get_inheritable()
+        assert conn.getpeername() == client_address
+    finally:
+        port.stopListening()
+        for conn in served:
+            conn.close()
+        sock.close()
