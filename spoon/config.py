@@ -470,7 +470,8 @@ class _Layer:
         self.labels[setting.name] = label
 
 
-def build(entry_point, options=None, environ=None, host=None, server_class=None):
+def build(entry_point, options=None, environ=None, host=None, server_class=None,
+          recorded=None):
     """Merge and validate the configuration of ``entry_point`` (one of
     :data:`ENTRY_POINTS`).
 
@@ -479,7 +480,9 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
     default ``os.environ``.  ``host``: settings the host program's own options gave, by
     name, as ``(value, label)`` (twistd's ``--pidfile``...).  ``server_class``: the class,
     for an entry point that serves a fixed one (the examples); otherwise the "server"
-    setting names it.
+    setting names it.  ``recorded``: ``(toml_text, label)``, settings a running instance
+    recorded (:meth:`Config.recorded`), read in place of the configuration file when none
+    is given: the ``spoon`` command's ``restart``.
 
     Never raises for a bad configuration: every problem is in ``config.errors``.
     """
@@ -517,6 +520,17 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
     if path:
         config.config_file = path
         _read_file_layer(path, file_layer, offered, entry_point, errors, warnings)
+    elif recorded is not None:
+        text, where = recorded
+        try:
+            table = _toml_module().loads(text)
+        except ValueError as e:
+            errors.append("%s: %s" % (where, _toml_message(e)))
+            table = {}
+        for key, raw in table.items():
+            setting = BY_NAME.get(key)
+            if setting is not None and setting in offered:
+                file_layer.add(setting, raw, "%s: %s" % (where, key), errors)
 
     layers = [command_line, env, file_layer]  # highest priority first
     klass_path = None
@@ -706,6 +720,13 @@ def _validate(config):
     klass = config.server_class
     datagram = klass is not None and is_datagram_server_class(klass)
     workers = config.values.get("workers") or 1
+    endpoints = config.values.get("endpoint") or ()
+    if config.entry_point == "daemon" and len(endpoints) > 1:
+        errors.append(
+            "%s (%s): the spoon command serves one endpoint, not %d (twistd spoon serves "
+            "several)" % (BY_NAME["endpoint"].label_for("daemon"), config.source("endpoint"),
+                          len(endpoints))
+        )
     for description in config.values.get("endpoint") or ():
         where = "%s %r (%s)" % (
             BY_NAME["endpoint"].label_for(config.entry_point), description, config.source("endpoint")
@@ -717,6 +738,12 @@ def _validate(config):
             continue
         if spec is not None and not 0 <= spec.port <= 65535:
             errors.append("%s: the port must be between 0 and 65535, not %d" % (where, spec.port))
+            continue
+        if spec is None and config.entry_point == "daemon":
+            errors.append(
+                "%s: the spoon command serves tcp:, tcp6: and udp: endpoints (twistd spoon "
+                "serves any kind)" % where
+            )
             continue
         if klass is None or not is_server_class(klass):
             continue
@@ -768,7 +795,7 @@ def add_arguments(parser, entry_point):
     return parser
 
 
-def from_arguments(namespace, entry_point, environ=None, server_class=None):
+def from_arguments(namespace, entry_point, environ=None, server_class=None, recorded=None):
     """:func:`build` from a namespace parsed by a parser :func:`add_arguments` filled."""
     given = vars(namespace)
     names = set(BY_NAME) | {"config", "check_config", "print_config"}
@@ -777,6 +804,7 @@ def from_arguments(namespace, entry_point, environ=None, server_class=None):
         {name: value for name, value in given.items() if name in names},
         environ=environ,
         server_class=server_class,
+        recorded=recorded,
     )
 
 

@@ -467,21 +467,23 @@ def setup_logging(
     return handlers
 
 
-def configure(config, stream=None, stream_level=None):
+def configure(config, stream=None, stream_level=None, sentry=True):
     """Set up this process's logging from a :class:`spoon.config.Config`: its
     ``log_level``, ``log_format``, ``log_file`` (watched for logrotate; stderr when there is
     none) and ``sentry_dsn``.  The one call of every entry point outside twistd.
 
     ``stream`` (e.g. ``sys.stderr``) is written to as well as the log file, at
     ``stream_level`` (default: the configured level): the ``spoon`` command keeps the
-    terminal informed until it detaches.  Returns the handlers installed (as
+    terminal informed until it detaches.  ``sentry=False`` leaves Sentry to a later
+    :func:`setup_sentry` (its SDK sends from a thread, which a daemon's fork would not
+    keep).  Returns the handlers installed (as
     :func:`setup_logging`), which :func:`remove_handler` takes off again.
     """
     return setup_logging(
         level=level_number(config.log_level),
         log_file=config.log_file,
         stream=stream,
-        sentry_dsn=getattr(config, "sentry_dsn", None),
+        sentry_dsn=getattr(config, "sentry_dsn", None) if sentry else None,
         stream_level=stream_level,
         log_format=config.log_format,
     )
