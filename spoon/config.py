@@ -295,7 +295,7 @@ SETTINGS = (
         "Log file, appended to and reopened when logrotate moves it away [default: "
         "stderr]. Under twistd: twistd --logfile.",
         flags=("-L", "--log-file"), metavar="FILE", from_class=_class_default("log_file"),
-        entry_points=("daemon", "examples", "script"),
+        entry_points=("daemon", "prefork", "examples", "script"),
     ),
     Setting(
         "log_level", _choice(*LOG_LEVELS),

@@ -141,8 +141,13 @@ def relayed_event(fields):
     """Keyword arguments for ``Logger(namespace=fields["logger"]).emit(
     twisted_level(fields["level"]), **relayed_event(fields))`` (``twisted.logger.Logger``)
     that show a relayed record (from :func:`parse_line`) with its writer's pid and time."""
+    pid = int(fields["pid"])
     event = {"format": "{spoon_text}", "spoon_text": fields["message"],
-             PID_KEY: int(fields["pid"]), TRACEBACK_KEY: fields.get("traceback")}
+             PID_KEY: pid, TRACEBACK_KEY: fields.get("traceback"),
+             # What Twisted's own observers show (the embedding program's, say): the
+             # writer's pid beside the logger and level.
+             "log_system": "%s#%s pid=%d" % (
+                 fields["logger"], twisted_level(fields["level"]).name, pid)}
     try:
         event[TIME_KEY] = datetime.datetime.fromisoformat(fields["time"]).timestamp()
     except (KeyError, TypeError, ValueError):
@@ -197,23 +202,11 @@ def _event_fields(event):
     return (
         event.get(TIME_KEY) or event.get("log_time") or 0.0,
         level,
-        event.get(PID_KEY) or _pid_named_by_relay(event) or os.getpid(),
+        event.get(PID_KEY) or os.getpid(),
         namespace,
         formatEvent(event),
         traceback,
     )
-
-
-_RELAY_SYSTEM_PID = re.compile(r" pid=(\d+)$")
-
-
-def _pid_named_by_relay(event):
-    """Transitional, until ``spoon.service``'s relay emits :func:`relayed_event`: its events
-    marked ``spoon_pid_in_text`` name the writer's pid in ``log_system`` ("name#level pid=N")."""
-    if not event.get("spoon_pid_in_text"):
-        return None
-    match = _RELAY_SYSTEM_PID.search(str(event.get("log_system", "")))
-    return int(match.group(1)) if match else None
 
 
 class SpoonFormatter(logging.Formatter):

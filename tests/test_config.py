@@ -272,15 +272,25 @@ def test_argparse_and_twistd_offer_the_same_spellings():
 
 
 def test_argparse_command_line_builds_the_same_config_as_twistds():
-    argv = ["-s", "4", "-e", "tcp:1", "-e", "tcp:2", "--log-format", "json", "-d"]
+    argv = ["-s", "4", "-e", "tcp:1", "--log-format", "json", "-d"]
     parser = config.add_arguments(argparse.ArgumentParser(), "daemon")
     from_argparse = config.from_arguments(parser.parse_args([SPORK] + argv), "daemon", environ={})
     twisted = config.twisted_options("twistd")()
     twisted.parseOptions(["--server", SPORK] + argv)
     for c in (from_argparse, twisted.config):
         assert c.errors == []
-        assert (c.workers, c.endpoint, c.log_format, c.log_level) == (4, ["tcp:1", "tcp:2"], "json", "debug")
+        assert (c.workers, c.endpoint, c.log_format, c.log_level) == (4, ["tcp:1"], "json", "debug")
         assert c.source("endpoint") == "option --endpoint"
+
+
+def test_the_spoon_command_refuses_what_only_twistd_serves_one_line_each():
+    c = build({"server": SPORK, "endpoint": ["tcp:1", "tcp:2"]}, {}, entry_point="daemon")
+    assert c.errors == ["--endpoint (option --endpoint): the spoon command serves one "
+                        "endpoint, not 2 (twistd spoon serves several)"]
+    c = build({"server": SPORK, "endpoint": ["unix:/tmp/x.sock"], "workers": "1"}, {},
+              entry_point="daemon")
+    assert c.errors == ["--endpoint 'unix:/tmp/x.sock' (option --endpoint): the spoon command "
+                        "serves tcp:, tcp6: and udp: endpoints (twistd spoon serves any kind)"]
 
 
 def run_examples(*args, env=None):
@@ -321,13 +331,20 @@ def test_the_readme_example_file_is_a_valid_configuration(tmp_path):
 def test_recorded_settings_build_the_same_configuration_again(tmp_path):
     """What ``restart`` keeps beside the pid file: given values, not the class's."""
     c = config.build("daemon", {"server": SPORK, "workers": "6", "log_file": "/tmp/x.log",
-                                "endpoint": ["tcp:1", "tcp6:2:interface=\\:\\:1"], "uid": "0"},
+                                "endpoint": ["tcp6:2:interface=\\:\\:1"], "uid": "0"},
                      environ={"SPOON_LOG_FORMAT": "json"})
     text = c.recorded()
     assert "port" not in text and "graceful_timeout" not in text
     assert c.errors == []
     again = config.build("daemon", {"config": toml(tmp_path, text)}, environ={})
     assert again.errors == [] and again.values == c.values
+    # restart: the record read in place of a file, anything given again winning.
+    restarted = config.build("daemon", {"server": SPORK, "workers": "2"}, environ={},
+                             recorded=(text, "recorded"))
+    assert restarted.errors == []
+    assert restarted.values == dict(c.values, workers=2)
+    assert restarted.source("log_file") == "recorded: log_file"
+    assert restarted.source("workers") == "option --spork"
 
 
 def test_a_script_reads_the_class_then_the_file_then_the_environment(tmp_path):

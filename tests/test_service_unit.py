@@ -157,7 +157,7 @@ def test_spawns_supervisor_with_the_bound_socket_and_options(events):
         protocol, executable, args, env, fds = reactor.spawned[0]
         assert args[1:] == [
             "-m", "spoon.prefork", "--fd", "3", "--target", "spoon.examples.EchoServer",
-            "--workers", "3", "--graceful-timeout", "7", "--worker-timeout", "9",
+            "--log-format", "json", "--log-level", "info", "--workers", "3", "--graceful-timeout", "7", "--worker-timeout", "9",
         ]
         assert fds[3] == svc.socket.fileno() and fds[1] == "r" and fds[2] == "r"
         assert svc.pid == 1000
@@ -170,22 +170,34 @@ def test_spawns_supervisor_with_the_bound_socket_and_options(events):
         svc.stopService()
 
 
-def test_pool_records_become_events_of_their_logger_level_and_pid(events):
+def test_pool_records_become_events_of_their_logger_level_pid_and_time(events):
+    """The supervisor writes JSON lines (--log-format json); each becomes one event of its
+    logger and level carrying the writer's pid, time and traceback; spoon's text lines are
+    understood too; anything else is relayed as it is."""
+    from spoon import logs
+
     reactor = ProcessReactor()
     svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
     svc.startService()
     protocol = reactor.spawned[0][0]
-    protocol.childDataReceived(2, b"2026-11-24 06:10:19,164 [8424] gen-server INFO: generation 1\n")
-    protocol.childDataReceived(2, b"[8425] spoon.worker ERROR: boom\nTraceback (most recent call last):\n")
+    protocol.childDataReceived(2, logs.render(1e9, "INFO", 8424, "gen-server", "generation 1",
+                                              log_format="json").encode() + b"\n")
+    protocol.childDataReceived(2, logs.render(1e9 + 1, "ERROR", 8425, "spoon.worker", "boom",
+                                              "Traceback (most recent call last):\n  x",
+                                              log_format="json").encode() + b"\n")
+    protocol.childDataReceived(2, logs.render(1e9 + 2, "WARNING", 8426, "w", "text line").encode()
+                               + b"\n")
     protocol.childDataReceived(1, b"a print\n")
     svc.stopService()
-    relayed = [e for e in events if e.get("spoon_pid_in_text")]
+    relayed = [e for e in events if e.get(logs.PID_KEY) or e.get("log_system") == "spoon.pool"]
     assert [(e["log_namespace"], e["log_level"], e["log_system"], _text(e)) for e in relayed] == [
         ("gen-server", LogLevel.info, "gen-server#info pid=8424", "generation 1"),
         ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "boom"),
-        ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "Traceback (most recent call last):"),
+        ("w", LogLevel.warn, "w#warn pid=8426", "text line"),
         ("spoon.pool", LogLevel.info, "spoon.pool", "a print"),
     ]
+    assert [round(e[logs.TIME_KEY]) for e in relayed[:3]] == [1e9, 1e9 + 1, 1e9 + 2]
+    assert relayed[1][logs.TRACEBACK_KEY] == "Traceback (most recent call last):\n  x"
 
 
 def test_unexpected_exit_restarts_with_back_off(events):
