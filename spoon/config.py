@@ -29,7 +29,13 @@ from dataclasses import dataclass, field
 
 from spoon import __version__
 from spoon.net import parse_socket_endpoint
-from spoon.targets import TargetError, is_datagram_server_class, is_server_class, resolve
+from spoon.targets import (
+    TargetError,
+    check_handler,
+    is_datagram_server_class,
+    is_server_class,
+    resolve,
+)
 
 __all__ = [
     "ENTRY_POINTS",
@@ -656,14 +662,10 @@ def _check_server(path, label, entry_point, errors):
             "or UDPSpork): it is %r" % (label, path, obj)
         )
         return None
-    from spoon.server import TCPGulp, UDPGulp
-
-    handler = getattr(obj, "handler_klass", None)
-    if not (isinstance(handler, type) and issubclass(handler, (TCPGulp, UDPGulp))):
-        errors.append(
-            "%s: %s.handler_klass must be a Gulp handler class (a subclass of "
-            "spoon.server.Gulp or UDPGulp), not %r" % (label, path, handler)
-        )
+    try:
+        check_handler(obj)
+    except TypeError as e:
+        errors.append("%s: %s" % (label, e))
         return None
     return obj
 

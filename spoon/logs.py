@@ -501,6 +501,9 @@ def ensure_default_logging(logger_name="", config=None):
         return False
     if config is not None:
         configure(config)
+        for error in config.errors:
+            # A bad SPOON_* value: the default stands in, and the log says so.
+            logging.getLogger(logger_name).warning("configuration ignored: %s", error)
     else:
         setup_logging(level=logging.INFO)
     return True
