@@ -838,8 +838,8 @@ def twisted_options(entry_point="twistd"):
     """A ``twisted.python.usage.Options`` class for ``entry_point``, generated from
     :data:`SETTINGS`.  After parsing, ``options.config`` is the :class:`Config`;
     ``--check-config``, ``--print-config`` and ``--version`` exit (``SystemExit``) from
-    the parsing itself, before twistd binds or daemonises anything; a bad configuration is a
-    ``usage.UsageError`` listing every error."""
+    the parsing itself, before twistd binds or daemonises anything; so does a bad
+    configuration: one line per error on stderr, status 2."""
     from twisted.python import usage
 
     def handler(name, takes_value, repeatable=False, const=None, doc=""):
@@ -900,7 +900,12 @@ def twisted_options(entry_point="twistd"):
             sys.stdout.flush()
             raise SystemExit(status)
         if self.config.errors:
-            raise usage.UsageError("\n".join(self.config.errors))
+            # One line each and status 2, as in every entry point (a UsageError would
+            # bury them under twistd's whole help text).
+            for error in self.config.errors:
+                sys.stderr.write("%s: error: %s\n" % (COMMANDS[entry_point], error))
+            sys.stderr.flush()
+            raise SystemExit(2)
 
     namespace.update(__init__=__init__, opt_version=opt_version, postOptions=postOptions)
     return type("Options", (usage.Options,), namespace)

@@ -474,7 +474,6 @@ def _start(cfg, daemonize):
         klass.prefork = workers
     server = klass(_address(cfg))
     server.graceful_timeout = cfg.graceful_timeout
-    server.worker_timeout = cfg.worker_timeout
     if targets.is_spork(klass):
         server.prefork = workers
 

@@ -25,7 +25,7 @@ def _parser():
         description="Supervise a pre-forked pool serving an inherited listening socket. "
         "Settings also come from a --config file and SPOON_* variables.",
     )
-    p.add_argument("--fd", type=int, required=True, help="inherited bound (listening) socket")
+    p.add_argument("--fd", type=int, help="inherited bound (listening) socket (required to serve)")
     p.add_argument("--udp", action="store_true", help="the callable returns a DatagramProtocol")
     # --target (the server class, or a callable returning a Twisted protocol factory),
     # --workers, the timeouts, --reactor, --uid/--gid, the log settings: spoon.config's.
@@ -104,6 +104,8 @@ def main(argv=None):
         for error in cfg.errors:
             log.error("%s", error)
         return 2
+    if args.fd is None:
+        parser.error("--fd is required to serve: the inherited listening socket")
     logs.configure(cfg)
     # Die with the process that started us (twistd): a graceful stop of the pool.
     parent = os.getppid()
