@@ -242,8 +242,8 @@ SETTINGS = (
         "endpoint", _endpoints,
         "Twisted server endpoint string to listen on, e.g. tcp:8080:interface=127.0.0.1 "
         "(repeatable; replaces --port/--interface given at the same or a lower priority). "
-        "With --spork N > 1 only tcp:, tcp6: and udp: endpoints (a socket that is bound "
-        "and handed to the workers); udp: is for UDP servers.",
+        "With --spork N > 1: tcp:, tcp6:, udp:, unix: and systemd: endpoints (a socket "
+        "that is bound once and handed to the workers); udp: is for UDP servers.",
         flags=("-e", "--endpoint"), metavar="ENDPOINT", entry_points=("twistd", "daemon"),
         repeatable=True,
     ),
@@ -738,13 +738,13 @@ def _validate(config):
         except ValueError as e:
             errors.append("%s: %s" % (where, e))
             continue
-        if spec is not None and not 0 <= spec.port <= 65535:
+        if spec is not None and spec.port is not None and not 0 <= spec.port <= 65535:
             errors.append("%s: the port must be between 0 and 65535, not %d" % (where, spec.port))
             continue
         if spec is None and config.entry_point == "daemon":
             errors.append(
-                "%s: the spoon command serves tcp:, tcp6: and udp: endpoints (twistd spoon "
-                "serves any kind)" % where
+                "%s: the spoon command serves tcp:, tcp6:, udp:, unix: and systemd: endpoints "
+                "(twistd spoon serves any kind)" % where
             )
             continue
         if klass is None or not is_server_class(klass):
@@ -756,9 +756,9 @@ def _validate(config):
             errors.append("%s: %s is a TCP server" % (where, name))
         elif spec is None and workers > 1:
             errors.append(
-                "%s cannot be pre-forked: with %d workers only tcp:, tcp6: and udp: endpoints "
-                "name a socket that can be bound and handed to the workers (use --spork 1 to "
-                "serve it in one process)" % (where, workers)
+                "%s cannot be pre-forked: with %d workers only tcp:, tcp6:, udp:, unix: and "
+                "systemd: endpoints name a socket that can be bound and handed to the workers "
+                "(use --spork 1 to serve it in one process)" % (where, workers)
             )
 
 

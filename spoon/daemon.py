@@ -32,7 +32,7 @@ import sys
 import time
 
 from spoon import config, logs, targets
-from spoon.net import format_address, parse_socket_endpoint
+from spoon.net import bind_socket, format_address, parse_socket_endpoint, socket_options
 from spoon.pidfile import (
     Instance,
     PidFileError,
@@ -431,10 +431,20 @@ def _become(user, server, pooled):
     server.log.info("Running as uid %d gid %d", os.getuid(), os.getgid())
 
 
-def _address(cfg):
-    """The (host, port) of the one socket endpoint the daemon's server binds."""
-    spec = parse_socket_endpoint(cfg.endpoint[0])
-    return spec.host, spec.port
+def _build(klass, description):
+    """The server of ``klass`` on the endpoint ``description``: a TCP or UDP address is
+    bound by the class itself (its ``server_bind``/``server_activate``, as in 1.0.x); a
+    UNIX socket is bound, and a systemd socket adopted, here and the server built around
+    it."""
+    spec = parse_socket_endpoint(description)
+    if spec.kind in ("tcp", "udp"):
+        return klass((spec.host, spec.port))
+    sock = bind_socket(spec, **socket_options(klass))
+    try:
+        return targets.pool_target(sock, klass)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _stream_level(cfg, daemonize):
@@ -472,7 +482,7 @@ def _start(cfg, daemonize):
     workers = cfg.workers
     if targets.is_spork(klass):
         klass.prefork = workers
-    server = klass(_address(cfg))
+    server = _build(klass, cfg.endpoint[0])
     server.graceful_timeout = cfg.graceful_timeout
     if targets.is_spork(klass):
         server.prefork = workers

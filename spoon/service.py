@@ -264,8 +264,9 @@ class PreforkService(service.Service):
             spec = parse_socket_endpoint(endpoint)
             if spec is None:
                 raise ValueError(
-                    "endpoint %r cannot be pre-forked: only tcp:, tcp6: and udp: endpoints "
-                    "name a socket that can be bound here and handed to the workers" % endpoint
+                    "endpoint %r cannot be pre-forked: only tcp:, tcp6:, udp:, unix: and "
+                    "systemd: endpoints name a socket that can be bound here and handed to "
+                    "the workers" % endpoint
                 )
         else:
             host, port = endpoint[0], int(endpoint[1])
@@ -599,7 +600,8 @@ class ServeService(service.Service):
                     "{server} listening on {kind} {address}",
                     server=type(self.server).__name__,
                     kind=spec.kind,
-                    address=format_address((host.host, host.port)),
+                    address=format_address(
+                        (host.host, host.port) if hasattr(host, "port") else host.name),
                 )
         except BaseException:
             self._stop_listening()

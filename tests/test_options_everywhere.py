@@ -31,6 +31,23 @@ OptionProbe(("127.0.0.1", int(sys.argv[1]))).serve_forever()
 """
 
 
+#: What systemd does for a socket unit: bind, pass the socket as descriptor 3 with
+#: LISTEN_FDS=1, LISTEN_FDNAMES (systemd 227 on) and LISTEN_PID naming the process it
+#: executes (the same pid: exec).
+SYSTEMD = """
+import os, socket, sys
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen(64)
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="spoon.socket")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -41,10 +58,12 @@ class Run:
     """One entry point serving ``option_servers.OptionProbe`` on 127.0.0.1 in a scratch
     directory; its stdout and stderr go to ``out.log`` there."""
 
-    def __init__(self, entry, tmp_path, args=(), env=None, twistd_args=(), klass=PROBE, port=None):
+    def __init__(self, entry, tmp_path, args=(), env=None, twistd_args=(), klass=PROBE, port=None,
+                 unix=None, systemd=False):
         self.entry = entry
         self.dir = tmp_path
         self.port = port or _free_port()
+        self.address = unix or ("127.0.0.1", self.port)
         self.out = str(tmp_path / "out.log")
         self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]), PYTHONUNBUFFERED="1")
         self.env.update(env or {})
@@ -68,6 +87,8 @@ class Run:
                          "--target", klass, *args]
         else:
             self.argv = [sys.executable, "-c", SCRIPT, str(self.port)]
+        if systemd:
+            self.argv = [sys.executable, "-c", SYSTEMD, str(self.port)] + self.argv
         with open(self.out, "wb") as out:
             self.proc = subprocess.Popen(
                 self.argv, cwd=str(tmp_path), env=self.env, stdin=subprocess.DEVNULL,
@@ -88,7 +109,7 @@ class Run:
             if self.proc.poll() is not None:
                 raise AssertionError("%s exited %s:\n%s" % (self.entry, self.proc.returncode, self.output()))
             try:
-                return json.loads(request(("127.0.0.1", self.port), word.encode() + b"\n", timeout=10))
+                return json.loads(request(self.address, word.encode() + b"\n", timeout=10))
             except (OSError, ValueError):
                 return None
 
@@ -147,6 +168,33 @@ def test_endpoint(run, entry):
     port = _free_port()
     r = run(entry, "-e", "tcp:%d:interface=127.0.0.1" % port, port=port)
     assert r.ask()["pid"] == r.pid
+
+
+@pytest.mark.parametrize("entry", ["twistd", "daemon"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_unix_endpoint_in_one_process_or_pre_forked(run, entry, workers, tmp_path):
+    path = str(tmp_path / "server.sock")
+    r = run(entry, "-e", "unix:" + path, "-s", workers, unix=path)
+    facts = r.ask()
+    assert (facts["client_address"], facts["sockname"]) == ("", path)
+    if workers == "2":
+        _workers_of(r)
+    else:
+        assert facts["pid"] == r.pid
+    if entry == "twistd" and workers == "1":
+        # The listening port says where it listens (its getHost()), as for TCP.
+        assert "listening on unix %s" % path in r.output()
+
+
+@pytest.mark.parametrize("entry", ["twistd", "daemon"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_systemd_socket_in_one_process_or_pre_forked(run, entry, workers):
+    r = run(entry, "-e", "systemd:domain=INET:index=0", "-s", workers, systemd=True)
+    facts = r.ask()
+    if workers == "2":
+        _workers_of(r)
+    else:
+        assert facts["pid"] == r.pid
 
 
 @pytest.mark.parametrize("entry", ["twistd", "daemon"])

@@ -28,6 +28,9 @@ from spoon.targets import TargetError, resolve
         ("tcp6:8080:\\:\\:1", ("tcp", "::1", 8080, None)),
         ("udp:53:interface=127.0.0.1", ("udp", "127.0.0.1", 53, None)),
         ("8080", ("tcp", "0.0.0.0", 8080, None)),
+        ("unix:/tmp/x.sock", ("unix", "/tmp/x.sock", None, None)),
+        ("unix:address=/tmp/x.sock:mode=600:backlog=9", ("unix", "/tmp/x.sock", None, 9)),
+        ("systemd:domain=INET:index=1", ("systemd", None, None, None)),
     ],
 )
 def test_parse_socket_endpoints(description, expected):
@@ -35,7 +38,7 @@ def test_parse_socket_endpoints(description, expected):
     assert (spec.kind, spec.host, spec.port, spec.backlog) == expected
 
 
-@pytest.mark.parametrize("description", ["unix:/tmp/x.sock", "ssl:443", "systemd:domain=INET:index=0"])
+@pytest.mark.parametrize("description", ["ssl:443", "tls:443", "ssh:22"])
 def test_other_endpoints_are_not_socket_endpoints(description):
     assert parse_socket_endpoint(description) is None
 
@@ -95,7 +98,7 @@ def test_prefork_service_rejects_non_server_classes_and_wrong_endpoints():
     with pytest.raises(TargetError, match="not a spoon server class"):
         PreforkService("socket.socket")
     with pytest.raises(ValueError, match="cannot be pre-forked"):
-        PreforkService("spoon.examples.EchoServer", "unix:/tmp/x.sock")
+        PreforkService("spoon.examples.EchoServer", "ssl:0")
     with pytest.raises(ValueError, match="TCP server but the endpoint is UDP"):
         PreforkService("spoon.examples.EchoServer", "udp:0")
 
