@@ -105,6 +105,16 @@ def connect(address, timeout=5.0):
     return sock
 
 
+def kill_group(proc, timeout=10):
+    """SIGKILL the process group ``proc`` leads (started with ``start_new_session``), then
+    reap ``proc``: nothing of it is left behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
+
+
 def recv_all(sock, limit=1 << 20):
     """Read until EOF (bounded by the socket's timeout and ``limit`` bytes)."""
     chunks = []

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 import spoon
-from support import HERE, LOG_LINE, ROOT, children_of, request, wait_for
+from support import HERE, LOG_LINE, ROOT, children_of, kill_group, request, wait_for
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PROBE = "option_servers.OptionProbe"
@@ -121,11 +121,7 @@ class Run:
                 self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(timeout=20)
         finally:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
+            kill_group(self.proc)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from support import ROOT, children_of, recv_all, wait_for
+from support import ROOT, children_of, kill_group, recv_all, wait_for
 from test_prefork import ask, assert_gone, serving_pids
 
 TARGETS = '''
@@ -146,11 +146,7 @@ class Pool:
             return f.read()
 
     def kill(self):
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=10)
+        kill_group(self.proc)
 
 
 @pytest.fixture
