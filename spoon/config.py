@@ -31,6 +31,7 @@ from spoon import __version__
 from spoon.net import parse_socket_endpoint
 from spoon.targets import (
     TargetError,
+    check_endpoint_kind,
     check_handler,
     is_datagram_server_class,
     is_server_class,
@@ -720,7 +721,6 @@ def _validate(config):
         except KeyError:
             errors.append("%s: no such group" % label("gid"))
     klass = config.server_class
-    datagram = klass is not None and is_datagram_server_class(klass)
     workers = config.values.get("workers") or 1
     endpoints = config.values.get("endpoint") or ()
     if config.entry_point == "daemon" and len(endpoints) > 1:
@@ -729,7 +729,7 @@ def _validate(config):
             "several)" % (BY_NAME["endpoint"].label_for("daemon"), config.source("endpoint"),
                           len(endpoints))
         )
-    for description in config.values.get("endpoint") or ():
+    for description in endpoints:
         where = "%s %r (%s)" % (
             BY_NAME["endpoint"].label_for(config.entry_point), description, config.source("endpoint")
         )
@@ -749,12 +749,12 @@ def _validate(config):
             continue
         if klass is None or not is_server_class(klass):
             continue
-        name = "%s.%s" % (klass.__module__, klass.__qualname__)
-        if datagram and (spec is None or not spec.datagram):
-            errors.append("%s: %s is a UDP server, it needs udp:PORT[:interface=HOST]" % (where, name))
-        elif not datagram and spec is not None and spec.datagram:
-            errors.append("%s: %s is a TCP server" % (where, name))
-        elif spec is None and workers > 1:
+        try:
+            check_endpoint_kind(klass, spec is not None and spec.datagram, description)
+        except ValueError as e:
+            errors.append("%s: %s" % (where, e))
+            continue
+        if spec is None and workers > 1:
             errors.append(
                 "%s cannot be pre-forked: with %d workers only tcp:, tcp6:, udp:, unix: and "
                 "systemd: endpoints name a socket that can be bound and handed to the workers "
