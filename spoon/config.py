@@ -219,6 +219,8 @@ class Setting:
         longs = [f for f in flags if f.startswith("--")]
         if longs:
             return longs[0]
+        if flags and not flags[0].startswith("-"):  # a positional: as the usage names it
+            return (self.metavar or self.name).upper()
         return flags[0] if flags else self.name
 
 
