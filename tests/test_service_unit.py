@@ -1,6 +1,7 @@
 """Unit tests of spoon.service: endpoint parsing, binding, dotted paths, the supervisor
 life cycle driven by a MemoryReactorClock, and the line relay.  No process is started."""
 
+import os
 import signal
 import socket
 
@@ -306,3 +307,21 @@ def test_workers_get_the_reactor_kind_of_this_process():
     assert "--reactor" not in svc.supervisor_args()
     svc = PreforkService("spoon.examples.EchoServer", reactor=ProcessReactor(), reactor_name="select")
     assert svc.supervisor_args()[-2:] == ["--reactor", "select"]
+
+
+def test_a_unix_endpoint_replaces_a_stale_socket_file_but_not_a_live_one(tmp_path):
+    path = str(tmp_path / "s.sock")
+    spec = parse_socket_endpoint("unix:%s:mode=600" % path)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a killed server leaves its socket file behind
+    live = bind_socket(spec)
+    try:
+        assert live.getsockname() == path and oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with pytest.raises(OSError, match="cannot bind unix %s: Address already in use" % path):
+            bind_socket(spec)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(path)  # the live server's file was left alone
+    finally:
+        live.close()
