@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 
 from spoon import __version__
 from spoon.net import parse_socket_endpoint
-from spoon.targets import TargetError, is_datagram_server_class, is_server_class, resolve
+from spoon.targets import (
+    TargetError,
+    check_endpoint_kind,
+    check_handler,
+    is_datagram_server_class,
+    is_server_class,
+    resolve,
+)
 
 __all__ = [
     "ENTRY_POINTS",
@@ -235,6 +242,8 @@ class Setting:
         longs = [f for f in flags if f.startswith("--")]
         if longs:
             return longs[0]
+        if flags and not flags[0].startswith("-"):  # a positional: as the usage names it
+            return (self.metavar or self.name).upper()
         return flags[0] if flags else self.name
 
 
@@ -259,8 +268,8 @@ SETTINGS = (
         "endpoint", _endpoints,
         "Twisted server endpoint string to listen on, e.g. tcp:8080:interface=127.0.0.1 "
         "(repeatable; replaces --port/--interface given at the same or a lower priority). "
-        "With --spork N > 1 only tcp:, tcp6: and udp: endpoints (a socket that is bound "
-        "and handed to the workers); udp: is for UDP servers.",
+        "With --spork N > 1: tcp:, tcp6:, udp:, unix: and systemd: endpoints (a socket "
+        "that is bound once and handed to the workers); udp: is for UDP servers.",
         flags=("-e", "--endpoint"), metavar="ENDPOINT", entry_points=("twistd", "daemon"),
         repeatable=True,
     ),
@@ -318,7 +327,7 @@ SETTINGS = (
         "Log file, appended to and reopened when logrotate moves it away [default: "
         "stderr]. Under twistd: twistd --logfile.",
         flags=("-L", "--log-file"), metavar="FILE", from_class=_class_default("log_file"),
-        entry_points=("daemon", "examples", "script"),
+        entry_points=("daemon", "prefork", "examples", "script"),
     ),
     Setting(
         "log_level", _choice(*LOG_LEVELS),
@@ -516,7 +525,8 @@ class _Layer:
         self.labels[setting.name] = label
 
 
-def build(entry_point, options=None, environ=None, host=None, server_class=None):
+def build(entry_point, options=None, environ=None, host=None, server_class=None,
+          recorded=None):
     """Merge and validate the configuration of ``entry_point`` (one of
     :data:`ENTRY_POINTS`).
 
@@ -525,7 +535,9 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
     default ``os.environ``.  ``host``: settings the host program's own options gave, by
     name, as ``(value, label)`` (twistd's ``--pidfile``...).  ``server_class``: the class,
     for an entry point that serves a fixed one (the examples); otherwise the "server"
-    setting names it.
+    setting names it.  ``recorded``: ``(toml_text, label)``, settings a running instance
+    recorded (:meth:`Config.recorded`), read in place of the configuration file when none
+    is given: the ``spoon`` command's ``restart``.
 
     Never raises for a bad configuration: every problem is in ``config.errors``.
     """
@@ -563,6 +575,17 @@ def build(entry_point, options=None, environ=None, host=None, server_class=None)
     if path:
         config.config_file = path
         _read_file_layer(path, file_layer, offered, entry_point, errors, warnings)
+    elif recorded is not None:
+        text, where = recorded
+        try:
+            table = _toml_module().loads(text)
+        except ValueError as e:
+            errors.append("%s: %s" % (where, _toml_message(e)))
+            table = {}
+        for key, raw in table.items():
+            setting = BY_NAME.get(key)
+            if setting is not None and setting in offered:
+                file_layer.add(setting, raw, "%s: %s" % (where, key), errors)
 
     layers = [command_line, env, file_layer]  # highest priority first
     klass_path = None
@@ -688,14 +711,10 @@ def _check_server(path, label, entry_point, errors):
             "or UDPSpork): it is %r" % (label, path, obj)
         )
         return None
-    from spoon.server import TCPGulp, UDPGulp
-
-    handler = getattr(obj, "handler_klass", None)
-    if not (isinstance(handler, type) and issubclass(handler, (TCPGulp, UDPGulp))):
-        errors.append(
-            "%s: %s.handler_klass must be a Gulp handler class (a subclass of "
-            "spoon.server.Gulp or UDPGulp), not %r" % (label, path, handler)
-        )
+    try:
+        check_handler(obj)
+    except TypeError as e:
+        errors.append("%s: %s" % (label, e))
         return None
     return obj
 
@@ -750,9 +769,15 @@ def _validate(config):
         except KeyError:
             errors.append("%s: no such group" % label("gid"))
     klass = config.server_class
-    datagram = klass is not None and is_datagram_server_class(klass)
     workers = config.values.get("workers") or 1
-    for description in config.values.get("endpoint") or ():
+    endpoints = config.values.get("endpoint") or ()
+    if config.entry_point == "daemon" and len(endpoints) > 1:
+        errors.append(
+            "%s (%s): the spoon command serves one endpoint, not %d (twistd spoon serves "
+            "several)" % (BY_NAME["endpoint"].label_for("daemon"), config.source("endpoint"),
+                          len(endpoints))
+        )
+    for description in endpoints:
         where = "%s %r (%s)" % (
             BY_NAME["endpoint"].label_for(config.entry_point), description, config.source("endpoint")
         )
@@ -761,21 +786,27 @@ def _validate(config):
         except ValueError as e:
             errors.append("%s: %s" % (where, e))
             continue
-        if spec is not None and not 0 <= spec.port <= 65535:
+        if spec is not None and spec.port is not None and not 0 <= spec.port <= 65535:
             errors.append("%s: the port must be between 0 and 65535, not %d" % (where, spec.port))
+            continue
+        if spec is None and config.entry_point == "daemon":
+            errors.append(
+                "%s: the spoon command serves tcp:, tcp6:, udp:, unix: and systemd: endpoints "
+                "(twistd spoon serves any kind)" % where
+            )
             continue
         if klass is None or not is_server_class(klass):
             continue
-        name = "%s.%s" % (klass.__module__, klass.__qualname__)
-        if datagram and (spec is None or not spec.datagram):
-            errors.append("%s: %s is a UDP server, it needs udp:PORT[:interface=HOST]" % (where, name))
-        elif not datagram and spec is not None and spec.datagram:
-            errors.append("%s: %s is a TCP server" % (where, name))
-        elif spec is None and workers > 1:
+        try:
+            check_endpoint_kind(klass, spec is not None and spec.datagram, description)
+        except ValueError as e:
+            errors.append("%s: %s" % (where, e))
+            continue
+        if spec is None and workers > 1:
             errors.append(
-                "%s cannot be pre-forked: with %d workers only tcp:, tcp6: and udp: endpoints "
-                "name a socket that can be bound and handed to the workers (use --spork 1 to "
-                "serve it in one process)" % (where, workers)
+                "%s cannot be pre-forked: with %d workers only tcp:, tcp6:, udp:, unix: and "
+                "systemd: endpoints name a socket that can be bound and handed to the workers "
+                "(use --spork 1 to serve it in one process)" % (where, workers)
             )
 
 
@@ -814,7 +845,7 @@ def add_arguments(parser, entry_point):
     return parser
 
 
-def from_arguments(namespace, entry_point, environ=None, server_class=None):
+def from_arguments(namespace, entry_point, environ=None, server_class=None, recorded=None):
     """:func:`build` from a namespace parsed by a parser :func:`add_arguments` filled."""
     given = vars(namespace)
     names = set(BY_NAME) | {"config", "check_config", "print_config"}
@@ -823,6 +854,7 @@ def from_arguments(namespace, entry_point, environ=None, server_class=None):
         {name: value for name, value in given.items() if name in names},
         environ=environ,
         server_class=server_class,
+        recorded=recorded,
     )
 
 
@@ -854,8 +886,8 @@ def twisted_options(entry_point="twistd"):
     """A ``twisted.python.usage.Options`` class for ``entry_point``, generated from
     :data:`SETTINGS`.  After parsing, ``options.config`` is the :class:`Config`;
     ``--check-config``, ``--print-config`` and ``--version`` exit (``SystemExit``) from
-    the parsing itself, before twistd binds or daemonises anything; a bad configuration is a
-    ``usage.UsageError`` listing every error."""
+    the parsing itself, before twistd binds or daemonises anything; so does a bad
+    configuration: one line per error on stderr, status 2."""
     from twisted.python import usage
 
     def handler(name, takes_value, repeatable=False, const=None, doc=""):
@@ -916,7 +948,12 @@ def twisted_options(entry_point="twistd"):
             sys.stdout.flush()
             raise SystemExit(status)
         if self.config.errors:
-            raise usage.UsageError("\n".join(self.config.errors))
+            # One line each and status 2, as in every entry point (a UsageError would
+            # bury them under twistd's whole help text).
+            for error in self.config.errors:
+                sys.stderr.write("%s: error: %s\n" % (COMMANDS[entry_point], error))
+            sys.stderr.flush()
+            raise SystemExit(2)
 
     namespace.update(__init__=__init__, opt_version=opt_version, postOptions=postOptions)
     return type("Options", (usage.Options,), namespace)

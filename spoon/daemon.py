@@ -31,8 +31,8 @@ import signal
 import sys
 import time
 
-import spoon
-from spoon import targets
+from spoon import config, logs, targets
+from spoon.net import bind_socket, format_address, parse_socket_endpoint, socket_options
 from spoon.pidfile import (
     Instance,
     PidFileError,
@@ -41,6 +41,7 @@ from spoon.pidfile import (
     process_age,
     process_alive,
     read_pidfile,
+    record_path,
     remove_pidfile,
     wait_for_exit,
     write_pidfile,
@@ -449,131 +450,59 @@ def load_server_class(path):
         raise UsageError(str(e)) from e
 
 
-#: The options ``start`` records beside the pid file and ``restart`` reuses unless given
-#: again (the pid file names itself; ``-D`` and ``--stop-timeout`` belong to one command).
-RECORDED_OPTIONS = (
-    "spork", "port", "interface", "nice", "debug", "info", "log_file", "sentry_dsn",
-    "uid", "gid",
-)
-
-
 def _parser(prog):
+    """The command line: KLASS, then the command, then the options of
+    :data:`spoon.config.SETTINGS` the ``spoon`` command offers (the same spellings as
+    ``twistd spoon``), plus the two that belong to one command only."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Start, stop, reload, restart a spoon server as a daemon, or tell "
-        "whether it runs. Options left out take their value from the running instance "
-        "(restart), then from KLASS.command_line_defaults.",
+        "whether it runs. Settings come from KLASS, a --config file, SPOON_* variables and "
+        "these options; restart reuses the settings the running instance was started with "
+        "unless given again.",
     )
-    parser.add_argument(
-        "--version", action="version", version="spoon %s" % spoon.__version__
-    )
-    parser.add_argument("klass", metavar="KLASS", help="dotted path of the server class")
-    parser.add_argument("command", choices=["start", "stop", "reload", "restart", "status"])
-    parser.add_argument(
-        "-s", "--spork", type=int, default=None, metavar="N",
-        help="pre-fork N worker processes (default: the class's prefork for Sporks, "
-        "1 for Spoons)",
-    )
-    parser.add_argument("-p", "--pid-file", default=None, help="the daemon's pid file")
-    parser.add_argument("-P", "--port", type=int, default=None, help="port to listen on")
-    parser.add_argument("-I", "--interface", default=None, help="address to listen on")
-    parser.add_argument(
-        "-n", "--nice", type=int, default=None,
-        help="'nice' increment (default 10 for a daemon; with -D none unless given)",
-    )
-    parser.add_argument(
-        "-d", "--debug", action="store_true", default=None, help="log debug records"
-    )
-    parser.add_argument(
-        "-i", "--info", action="store_true", default=None, help="show info records on stderr"
-    )
-    parser.add_argument(
-        "-L", "--log-file", default=None,
-        help="log file, reopened when logrotate moves it away",
-    )
-    parser.add_argument(
-        "-S", "--sentry-dsn", default=None,
-        help="report warnings and errors to this Sentry DSN (needs sentry-sdk)",
-    )
+    config.add_arguments(parser, "daemon")
+    parser.add_argument("command", nargs="?",
+                        choices=["start", "stop", "reload", "restart", "status"])
     parser.add_argument(
         "-D", "--no-daemon", action="store_true", help="stay in the foreground"
     )
     parser.add_argument(
-        "--uid", default=None,
-        help="user (name or number) to serve as: the port, pid file and log file are "
-        "opened first",
-    )
-    parser.add_argument("--gid", default=None, help="group (name or number); default: the user's")
-    parser.add_argument(
         "--stop-timeout", type=float, default=None, metavar="SECONDS",
         help="how long stop and restart wait for the old process "
-        "(default: the class's graceful_timeout + 10)",
+        "(default: the graceful timeout + 10)",
     )
     return parser
 
 
-def _recorded_options(pid_file):
-    """The options recorded by the ``start`` of ``pid_file``'s instance (running, or
-    stale after a crash), or {}."""
+def _recorded_config(pid_file):
+    """``(toml_text, label)``: the settings recorded by the ``start`` of ``pid_file``'s
+    instance (running, or stale after a crash), or None."""
     try:
         instance = inspect_pidfile(pid_file)
     except PidFileError:
-        return {}  # said by the stop that follows
+        return None  # said by the stop that follows
     if instance.state not in (Instance.RUNNING, Instance.STALE) or not instance.record:
-        return {}
-    options = instance.record.get("options")
-    return {k: v for k, v in options.items() if k in RECORDED_OPTIONS} if isinstance(
-        options, dict
-    ) else {}
+        return None
+    text = instance.record.get("config")
+    if not isinstance(text, str) or not text:
+        return None
+    return text, "recorded by the running instance (%s)" % record_path(pid_file)
 
 
-def _resolve(options, klass, recorded=None):
-    """Fill the options left out: from ``recorded`` (the running instance's, for
-    ``restart``), then from the class's command_line_defaults."""
-    for name, value in (recorded or {}).items():
-        if getattr(options, name) is None:
-            setattr(options, name, value)
-    defaults = dict(getattr(klass, "command_line_defaults", None) or {})
-    for name, fallback in (
-        ("port", 5000),
-        ("interface", "::0"),
-        ("log_file", None),
-        ("sentry_dsn", None),
-        ("spork", None),
-    ):
-        if getattr(options, name) is None:
-            value = defaults.get(name)
-            setattr(options, name, fallback if value is None else value)
-    if options.nice is None and "nice" not in (recorded or {}) and not options.no_daemon:
-        # A daemon is reniced by default, as in 1.0.x; a foreground process (systemd,
-        # Docker) is left at the priority its manager gave it unless -n says otherwise.
-        options.nice = defaults.get("nice", 10)
-    options.debug = bool(options.debug)
-    options.info = bool(options.info)
-    if options.stop_timeout is None:
-        options.stop_timeout = float(getattr(klass, "graceful_timeout", 30) or 0) + 10.0
-    if options.spork is not None:
-        options.spork = int(options.spork)
-        if options.spork < 1:
-            raise UsageError("-s/--spork must be at least 1, not %d" % options.spork)
-    if options.log_file:
-        options.log_file = os.path.abspath(options.log_file)
-    return options
-
-
-def _user(options):
+def _user(cfg):
     """(uid, gid, name) to switch to after binding, or None when none was asked for."""
-    if options.uid is None and options.gid is None:
+    if cfg.uid is None and cfg.gid is None:
         return None
     from spoon.pool.cli import user_ids
 
     try:
         # The pool's resolution, so that --uid/--gid mean the same in every entry point.
-        uid, gid, name = user_ids(options.uid, options.gid)
+        uid, gid, name = user_ids(cfg.uid, cfg.gid)
     except (KeyError, ValueError) as e:
         given = " ".join(
-            "--%s %s" % (name, getattr(options, name))
-            for name in ("uid", "gid") if getattr(options, name) is not None
+            "--%s %s" % (name, getattr(cfg, name))
+            for name in ("uid", "gid") if getattr(cfg, name) is not None
         )
         raise UsageError("%s: no such user or group (%s)" % (given, e)) from e
     changes = (uid is not None and uid != os.getuid()) or (gid is not None and gid != os.getgid())
@@ -603,77 +532,103 @@ def _become(user, server, pooled):
     server.log.info("Running as uid %d gid %d", os.getuid(), os.getgid())
 
 
-def _start(options, klass):
-    from spoon import logs
+def _build(klass, description):
+    """The server of ``klass`` on the endpoint ``description``: a TCP or UDP address is
+    bound by the class itself (its ``server_bind``/``server_activate``, as in 1.0.x); a
+    UNIX socket is bound, and a systemd socket adopted, here and the server built around
+    it."""
+    spec = parse_socket_endpoint(description)
+    if spec.kind in ("tcp", "udp"):
+        return klass((spec.host, spec.port))
+    sock = bind_socket(spec, **socket_options(klass))
+    try:
+        return targets.pool_target(sock, klass)
+    except BaseException:
+        sock.close()
+        raise
 
+
+def _stream_level(cfg, daemonize):
+    """The terminal sees the configured level when it was asked for, or when nothing else
+    will show the records (a foreground process without a log file); else warnings."""
+    level = logs.level_number(cfg.log_level)
+    if cfg.source("log_level") != "default" or (not daemonize and not cfg.log_file):
+        return level
+    return max(level, logging.WARNING)
+
+
+def _start(cfg, daemonize):
     # Everything that can fail is tried before anything forks.
-    if options.sentry_dsn and not logs.sentry_available():
+    if cfg.sentry_dsn and not logs.sentry_available():
         raise UsageError(str(logs.SentryMissing()))
-    daemonize = not options.no_daemon
-    if daemonize and not options.pid_file:
+    if daemonize and not cfg.pid_file:
         raise UsageError(
             "starting a daemon needs a pid file: give -p/--pid-file (or set pid_file in "
             "command_line_defaults), or stay in the foreground with -D"
         )
-    user = _user(options)
-    level = logging.DEBUG if options.debug else logging.INFO
-    stream_level = logging.DEBUG if options.debug else (
-        logging.INFO if options.info or (not daemonize and not options.log_file)
-        else logging.WARNING
-    )
-    handlers = logs.setup_logging(
-        level=level, log_file=options.log_file, stream=sys.stderr, stream_level=stream_level
-    )
+    user = _user(cfg)
+    handlers = logs.configure(cfg, stream=sys.stderr, stream_level=_stream_level(cfg, daemonize),
+                              sentry=False)
     terminal = handlers[-1]
-    if options.pid_file:
-        check_pidfile(options.pid_file)
-    if options.nice:
-        os.nice(options.nice)
-    workers = options.spork
-    if workers is not None and targets.is_spork(klass):
+    if cfg.pid_file:
+        check_pidfile(cfg.pid_file)
+    nice = cfg.nice
+    if nice is None and daemonize:
+        # A daemon is reniced by default, as in 1.0.x; a foreground process (systemd,
+        # Docker) is left at the priority its manager gave it unless -n says otherwise.
+        nice = DEFAULT_NICE
+    if nice:
+        os.nice(nice)
+    klass = cfg.server_class
+    workers = cfg.workers
+    if targets.is_spork(klass):
         klass.prefork = workers
-    server = klass((options.interface, options.port))
-    serve = None
-    if workers is not None and targets.is_spork(klass):
+    server = _build(klass, cfg.endpoint[0])
+    server.graceful_timeout = cfg.graceful_timeout
+    if targets.is_spork(klass):
         server.prefork = workers
-    elif workers is not None and workers > 1:
-        # A Spoon class pre-forked on request, as ``twistd spoon --spork N`` does: the
-        # same supervisor, around this server's socket.
-        from spoon.pool.supervisor import Supervisor
 
-        def serve_pool():
-            Supervisor(server, workers=workers).run()
+    def serve():
+        if workers > 1:
+            # A Spork, or a Spoon pre-forked on request (as ``twistd spoon --spork N``):
+            # the same supervisor around this server's socket.
+            from spoon.pool.supervisor import Supervisor
 
-        serve = serve_pool
-    elif targets.is_spork(klass):
-        workers = server.prefork
+            Supervisor(server, workers=workers, graceful_timeout=cfg.graceful_timeout,
+                       worker_timeout=cfg.worker_timeout, reactor_name=cfg.reactor).run()
+        else:
+            if cfg.reactor:
+                from twisted.application.reactors import installReactor
+
+                installReactor(cfg.reactor)
+            server.serve_forever()
 
     def after_detach():
         if daemonize:
             # stderr is /dev/null now: the terminal's handler has nothing left to do.
             logs.remove_handler(terminal)
-        if options.sentry_dsn:
-            logs.setup_sentry(options.sentry_dsn)
-        host, port = server.server_address[:2]
+        if cfg.sentry_dsn:
+            logs.setup_sentry(cfg.sentry_dsn)
         server.log.info(
             "Starting %s on %s (pid %d%s)",
-            options.klass,
-            "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port),
+            cfg.server,
+            format_address(server.server_address),
             os.getpid(),
-            ", %s workers" % workers if workers and workers > 1 else "",
+            ", %s workers" % workers if workers > 1 else "",
         )
         if user is not None:
-            _become(user, server, pooled=bool(workers and workers > 1))
+            _become(user, server, pooled=workers > 1)
 
-    record = {
-        "klass": options.klass,
-        "options": {name: getattr(options, name) for name in RECORDED_OPTIONS},
-    }
+    record = {"klass": cfg.server, "config": cfg.recorded()}
     try:
-        _serve(server, options.pid_file, daemonize, after_detach, serve, record)
+        _serve(server, cfg.pid_file, daemonize, after_detach, serve, record)
     finally:
         server.server_close()
     return 0
+
+
+#: The ``nice`` increment of a daemon when none is set (1.0.x's).
+DEFAULT_NICE = 10
 
 
 def _program_name():
@@ -681,54 +636,75 @@ def _program_name():
     return "python -m spoon.daemon" if program in ("daemon.py", "__main__.py", "-c") else program
 
 
+def _settings(args, parser):
+    """The configuration of this command line; for ``restart``, the settings the running
+    instance recorded fill in what is not given again (in place of a --config file)."""
+    cfg = config.from_arguments(args, "daemon")
+    if args.command == "restart" and cfg.pid_file and not cfg.config_file:
+        recorded = _recorded_config(os.path.abspath(cfg.pid_file))
+        if recorded is not None:
+            cfg = config.from_arguments(args, "daemon", recorded=recorded)
+            cfg.restored = [
+                (name, cfg.values[name]) for name in sorted(cfg.kinds)
+                if cfg.kinds[name] == "file" and cfg.values.get(name) not in (None, False)
+            ]
+    # Absolute, as recorded for restart and as the daemon (in "/") needs them.
+    for name in ("pid_file", "log_file"):
+        if cfg.values.get(name):
+            cfg.values[name] = os.path.abspath(cfg.values[name])
+    return cfg
+
+
 def main(argv=None):
     """The ``spoon`` / ``python -m spoon.daemon`` command line; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = _program_name()
-    options = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
     out = sys.stderr
-    # Like twistd: the server's module may live in the current directory.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    cfg = _settings(args, parser)
+    status = config.check_and_print(cfg)
+    if status is not None:
+        return status
+    if cfg.errors:
+        for error in cfg.errors:
+            out.write("%s: error: %s\n" % (prog, error))
+        return 2
+    if args.command is None:
+        parser.print_usage(out)
+        out.write("%s: error: give a command: start, stop, reload, restart or status\n" % prog)
+        return 2
+    klass = cfg.server_class
+    stop_timeout = args.stop_timeout
+    if stop_timeout is None:
+        stop_timeout = float(cfg.graceful_timeout or 0) + 10.0
     try:
-        klass = load_server_class(options.klass)
-        if options.pid_file is None:
-            options.pid_file = (getattr(klass, "command_line_defaults", None) or {}).get(
-                "pid_file"
-            )
-        if options.pid_file:
-            options.pid_file = os.path.abspath(options.pid_file)
-        elif options.command != "start":
+        if not cfg.pid_file and args.command != "start":
             raise UsageError(
                 "%s needs the pid file: give -p/--pid-file (or set pid_file in "
-                "command_line_defaults)" % options.command
+                "command_line_defaults)" % args.command
             )
-        recorded = _recorded_options(options.pid_file) if options.command == "restart" else {}
-        _resolve(options, klass, recorded)
-        if options.command == "status":
+        if args.command == "status":
             return report_status(
-                options.pid_file, sys.stdout, out, as_json=getattr(options, "status_format", None) == "json"
+                cfg.pid_file, sys.stdout, out, as_json=getattr(cfg, "status_format", None) == "json"
             )
-        if options.command == "reload":
-            if send_action("reload", options.pid_file, logger=_cli_logger(out), klass=klass) is None:
+        if args.command == "reload":
+            if send_action("reload", cfg.pid_file, logger=_cli_logger(out), klass=klass) is None:
                 return 1
             return 0
-        if options.command == "stop":
-            return _stop_cli(options, klass, out)
-        if options.command == "restart":
-            status = _stop_cli(options, klass, out, restarting=True)
+        if args.command == "stop":
+            return _stop_cli(cfg.pid_file, stop_timeout, klass, out)
+        if args.command == "restart":
+            status = _stop_cli(cfg.pid_file, stop_timeout, klass, out, restarting=True)
             if status:
                 return status
-            shown = sorted(
-                (name, value) for name, value in recorded.items()
-                if value not in (None, False)
-            )
+            shown = getattr(cfg, "restored", None)
             if shown:
                 _cli_logger(out).info(
                     "Restarting with the options of the running instance: %s",
                     ", ".join("%s=%s" % item for item in shown),
                 )
-        return _start(options, klass)
+        return _start(cfg, daemonize=not args.no_daemon)
     except UsageError as e:
         out.write("%s: error: %s\n" % (prog, e))
         return 2
@@ -757,11 +733,11 @@ def _cli_logger(out):
     return logger
 
 
-def _stop_cli(options, klass, out, restarting=False):
+def _stop_cli(pid_file, stop_timeout, klass, out, restarting=False):
     """Stop the daemon and wait for it to exit; the exit status.  For ``restart``, a
     daemon that is not running (no pid file, or a stale one) is no failure."""
     logger = _cli_logger(out)
-    instance, pid = _act("stop", options.pid_file, logger, klass)
+    instance, pid = _act("stop", pid_file, logger, klass)
     if pid is None:
         if restarting and instance is not None and instance.state in (
             Instance.ABSENT, Instance.STALE
@@ -771,15 +747,15 @@ def _stop_cli(options, klass, out, restarting=False):
             pid = instance.pid  # it exited on its own between the check and the signal
         else:
             return 1
-    if not wait_for_exit(pid, options.stop_timeout, instance.start_time):
+    if not wait_for_exit(pid, stop_timeout, instance.start_time):
         out.write(
             "process %d did not exit within %ss of the stop signal\n"
-            % (pid, options.stop_timeout)
+            % (pid, stop_timeout)
         )
         return 1
     logger.info("Process %d has exited", pid)
     # A daemon that switched user may not have been allowed to remove its pid file.
-    remove_pidfile(options.pid_file, pid)
+    remove_pidfile(pid_file, pid)
     return 0
 
 

@@ -10,7 +10,6 @@ import sys
 
 import spoon.server
 from spoon import config, logs
-from spoon.net import format_address
 
 
 class RequestHandler(spoon.server.Gulp):
@@ -53,7 +52,6 @@ def main(argv=None):
     server = klass((settings.interface, settings.port))
     if settings.workers > 1:
         server.prefork = settings.workers
-    server.log.info("%s listening on %s", klass.__name__, format_address(server.server_address))
     try:
         server.serve_forever()
     finally:

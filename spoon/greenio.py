@@ -13,6 +13,7 @@ handler can also wait for a Twisted ``Deferred`` (:func:`wait`) without blocking
 
 import errno
 import logging
+import os
 import socket
 
 import greenlet
@@ -580,6 +581,8 @@ class GreenSocket:
 
     def getsockname(self):
         host = self._proto.transport.getHost()
+        if not hasattr(host, "port"):  # a UNIX socket: its path, as socket.getsockname()
+            return os.fsdecode(host.name) if host.name else ""
         if getattr(host, "flowInfo", None) is not None:
             return (host.host, host.port, host.flowInfo, host.scopeID)
         return (host.host, host.port)

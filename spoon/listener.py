@@ -111,9 +111,11 @@ class OneByOnePort:
     loseConnection = stopListening
 
     def getHost(self):
-        from twisted.internet.address import IPv4Address, IPv6Address
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
         addr = self.socket.getsockname()
+        if self.family == socket.AF_UNIX:
+            return UNIXAddress(addr or None)
         if self.family == socket.AF_INET6:
             return IPv6Address("TCP", addr[0], addr[1], addr[2], addr[3])
         return IPv4Address("TCP", addr[0], addr[1])

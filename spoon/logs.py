@@ -141,8 +141,13 @@ def relayed_event(fields):
     """Keyword arguments for ``Logger(namespace=fields["logger"]).emit(
     twisted_level(fields["level"]), **relayed_event(fields))`` (``twisted.logger.Logger``)
     that show a relayed record (from :func:`parse_line`) with its writer's pid and time."""
+    pid = int(fields["pid"])
     event = {"format": "{spoon_text}", "spoon_text": fields["message"],
-             PID_KEY: int(fields["pid"]), TRACEBACK_KEY: fields.get("traceback")}
+             PID_KEY: pid, TRACEBACK_KEY: fields.get("traceback"),
+             # What Twisted's own observers show (the embedding program's, say): the
+             # writer's pid beside the logger and level.
+             "log_system": "%s#%s pid=%d" % (
+                 fields["logger"], twisted_level(fields["level"]).name, pid)}
     try:
         event[TIME_KEY] = datetime.datetime.fromisoformat(fields["time"]).timestamp()
     except (KeyError, TypeError, ValueError):
@@ -197,23 +202,11 @@ def _event_fields(event):
     return (
         event.get(TIME_KEY) or event.get("log_time") or 0.0,
         level,
-        event.get(PID_KEY) or _pid_named_by_relay(event) or os.getpid(),
+        event.get(PID_KEY) or os.getpid(),
         namespace,
         formatEvent(event),
         traceback,
     )
-
-
-_RELAY_SYSTEM_PID = re.compile(r" pid=(\d+)$")
-
-
-def _pid_named_by_relay(event):
-    """Transitional, until ``spoon.service``'s relay emits :func:`relayed_event`: its events
-    marked ``spoon_pid_in_text`` name the writer's pid in ``log_system`` ("name#level pid=N")."""
-    if not event.get("spoon_pid_in_text"):
-        return None
-    match = _RELAY_SYSTEM_PID.search(str(event.get("log_system", "")))
-    return int(match.group(1)) if match else None
 
 
 class SpoonFormatter(logging.Formatter):
@@ -467,21 +460,23 @@ def setup_logging(
     return handlers
 
 
-def configure(config, stream=None, stream_level=None):
+def configure(config, stream=None, stream_level=None, sentry=True):
     """Set up this process's logging from a :class:`spoon.config.Config`: its
     ``log_level``, ``log_format``, ``log_file`` (watched for logrotate; stderr when there is
     none) and ``sentry_dsn``.  The one call of every entry point outside twistd.
 
     ``stream`` (e.g. ``sys.stderr``) is written to as well as the log file, at
     ``stream_level`` (default: the configured level): the ``spoon`` command keeps the
-    terminal informed until it detaches.  Returns the handlers installed (as
+    terminal informed until it detaches.  ``sentry=False`` leaves Sentry to a later
+    :func:`setup_sentry` (its SDK sends from a thread, which a daemon's fork would not
+    keep).  Returns the handlers installed (as
     :func:`setup_logging`), which :func:`remove_handler` takes off again.
     """
     return setup_logging(
         level=level_number(config.log_level),
         log_file=config.log_file,
         stream=stream,
-        sentry_dsn=getattr(config, "sentry_dsn", None),
+        sentry_dsn=getattr(config, "sentry_dsn", None) if sentry else None,
         stream_level=stream_level,
         log_format=config.log_format,
     )
@@ -506,6 +501,9 @@ def ensure_default_logging(logger_name="", config=None):
         return False
     if config is not None:
         configure(config)
+        for error in config.errors:
+            # A bad SPOON_* value: the default stands in, and the log says so.
+            logging.getLogger(logger_name).warning("configuration ignored: %s", error)
     else:
         setup_logging(level=logging.INFO)
     return True

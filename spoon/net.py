@@ -1,29 +1,45 @@
 """Endpoint strings that name a plain socket, and binding them.
 
 A pre-forked pool needs its listening socket bound by the parent (before privileges are
-dropped) and handed down as a descriptor, so only endpoint types that are a plain socket
-can be pre-forked: ``tcp``, ``tcp6``, ``udp``, ``udp6``.  Their descriptions are parsed here
-with the same syntax as Twisted's ``serverFromString``.
+dropped) and handed down as a descriptor, so it serves the endpoint types that are a plain
+socket: ``tcp``, ``tcp6``, ``udp``, ``udp6``, ``unix`` (a UNIX stream socket: bound once,
+shared like a TCP one) and ``systemd`` (a socket systemd bound and passed:
+``LISTEN_FDS``/``LISTEN_PID``).  Their descriptions are parsed here with the same syntax
+as Twisted's ``serverFromString``.
 """
 
+import os
 import socket
+import stat
 
 __all__ = ["SocketSpec", "parse_socket_endpoint", "bind_socket", "format_address", "socket_options"]
 
 #: Twisted endpoint types that name a plain socket this module can bind (and hand down).
-SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6")
+SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6", "unix", "systemd")
+
+#: Keywords (and positional order) of each endpoint type, as Twisted names them.
+_ARGUMENTS = {
+    "tcp": ("port", "interface", "backlog"),
+    "udp": ("port", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog", "lockfile", "wantPID"),
+    "systemd": ("domain", "index", "name"),
+}
 
 
 class SocketSpec:
-    """What to bind: ``kind`` ("tcp" or "udp"), ``host``, ``port``, ``backlog`` (None: the
-    server class decides); ``proxy``: connections start with a PROXY protocol header
+    """What to bind: ``kind`` ("tcp", "udp", "unix" or "systemd"), ``host`` (the path of a
+    UNIX socket), ``port`` (None for "unix" and "systemd"), ``backlog`` (None: the server
+    class decides), ``mode`` (a UNIX socket's permissions), ``index`` (which of the
+    sockets systemd passed); ``proxy``: connections start with a PROXY protocol header
     (a "haproxy:tcp:..." endpoint)."""
 
-    def __init__(self, kind, host, port, backlog=None, proxy=False):
+    def __init__(self, kind, host, port, backlog=None, mode=None, index=None, proxy=False):
         self.kind = kind
         self.host = host
         self.port = port
         self.backlog = backlog
+        self.mode = mode
+        self.index = index
         self.proxy = proxy
 
     @property
@@ -55,8 +71,9 @@ def _split_description(description):
 
 
 def parse_socket_endpoint(description):
-    """A :class:`SocketSpec` for "tcp:", "tcp6:" and "udp:" endpoint strings (the ones that
-    name a socket this process can bind and hand to a supervisor); None for any other type.
+    """A :class:`SocketSpec` for "tcp:", "tcp6:", "udp:", "unix:" and "systemd:" endpoint
+    strings (the ones that name a socket this process can bind or adopt and hand to a
+    supervisor); None for any other type.
 
     "haproxy:" in front of a tcp: or tcp6: endpoint (Twisted's syntax) gives the same
     socket with ``proxy`` set: its connections start with a PROXY protocol header, which
@@ -80,6 +97,8 @@ def parse_socket_endpoint(description):
         kind, parts = "tcp", ["tcp", parts[0]]
     if kind not in SOCKET_ENDPOINT_TYPES:
         return None
+    kind = kind.rstrip("6")
+    names = _ARGUMENTS[kind]
     positional, keywords = [], {}
     for part in parts[1:]:
         key, sep, value = part.partition("=")
@@ -87,7 +106,6 @@ def parse_socket_endpoint(description):
             keywords[key.strip()] = value
         else:
             positional.append(part)
-    names = ["port", "interface", "backlog"]
     for name, value in zip(names, positional):
         keywords.setdefault(name, value)
     if len(positional) > len(names):
@@ -95,23 +113,44 @@ def parse_socket_endpoint(description):
     unknown = set(keywords) - set(names)
     if unknown:
         raise ValueError("unknown option(s) %s in endpoint %r" % (", ".join(sorted(unknown)), description))
-    try:
-        port = int(keywords["port"])
-    except (KeyError, ValueError):
-        raise ValueError("endpoint %r needs a numeric port" % description) from None
-    default_host = "::" if kind.endswith("6") else "0.0.0.0"
-    host = keywords.get("interface") or default_host
     backlog = keywords.get("backlog")
     try:
         backlog = int(backlog) if backlog is not None else None
     except ValueError:
         raise ValueError("endpoint %r: backlog must be a number" % description) from None
-    return SocketSpec(kind.rstrip("6"), host, port, backlog)
+    if kind == "unix":
+        if not keywords.get("address"):
+            raise ValueError("endpoint %r needs a path" % description)
+        try:
+            mode = int(keywords.get("mode", "666"), 8)
+        except ValueError:
+            raise ValueError("endpoint %r: mode must be an octal number" % description) from None
+        return SocketSpec("unix", keywords["address"], None, backlog, mode=mode)
+    if kind == "systemd":
+        if "name" in keywords:
+            raise ValueError("endpoint %r: name= is not supported, give index=N" % description)
+        try:
+            index = int(keywords["index"])
+        except (KeyError, ValueError):
+            raise ValueError("endpoint %r needs index=N (which passed socket)" % description) from None
+        return SocketSpec("systemd", None, None, index=index)
+    try:
+        port = int(keywords["port"])
+    except (KeyError, ValueError):
+        raise ValueError("endpoint %r needs a numeric port" % description) from None
+    default_host = "::" if description.strip().lower().split(":")[0].endswith("6") else "0.0.0.0"
+    host = keywords.get("interface") or default_host
+    return SocketSpec(kind, host, port, backlog)
 
 
 def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
     """Bind (and for TCP, listen on) the socket ``spec`` describes, as a spoon server would:
-    IPv6 when the host contains ":", dual-stack unless ``ipv6_only``."""
+    IPv6 when the host contains ":", dual-stack unless ``ipv6_only``; a UNIX socket at its
+    path; for "systemd", a duplicate of the socket systemd passed."""
+    if spec.kind == "unix":
+        return _bind_unix(spec, backlog)
+    if spec.kind == "systemd":
+        return _adopt_systemd(spec)
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM)
     try:
@@ -130,8 +169,63 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
     return sock
 
 
+def _bind_unix(spec, backlog):
+    path = spec.host
+    _remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if spec.mode is not None:
+            os.chmod(path, spec.mode)
+        sock.listen(spec.backlog if spec.backlog is not None else backlog)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, "cannot bind unix %s: %s" % (path, e.strerror)) from e
+    sock.setblocking(False)
+    return sock
+
+
+def _remove_stale_unix_socket(path):
+    """A socket file nobody listens on any more (a server that was killed) is removed, as
+    a new server must bind the path; one a live server listens on is left alone (the bind
+    then fails with "Address already in use")."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def _adopt_systemd(spec):
+    """The socket systemd passed at ``spec.index`` (``LISTEN_FDS`` descriptors from 3, for
+    the process ``LISTEN_PID`` names), duplicated: the caller owns what it gets."""
+    from twisted.python.systemd import ListenFDs
+
+    descriptors = ListenFDs.fromEnvironment().inheritedDescriptors()
+    if not 0 <= spec.index < len(descriptors):
+        raise OSError(
+            0, "systemd:index=%d: systemd passed %d socket(s) to this process (LISTEN_FDS, "
+            "LISTEN_PID)" % (spec.index, len(descriptors))
+        )
+    sock = socket.socket(fileno=os.dup(descriptors[spec.index]))
+    sock.setblocking(False)
+    return sock
+
+
 def format_address(address):
-    """"host:port" ("[v6host]:port"), as log lines and tests read it."""
+    """"host:port" ("[v6host]:port"), as log lines and tests read it; a UNIX socket's path."""
+    if isinstance(address, (str, bytes)):
+        return os.fsdecode(address) or "(unnamed)"
     host, port = address[0], address[1]
     return "[%s]:%s" % (host, port) if ":" in str(host) else "%s:%s" % (host, port)
 

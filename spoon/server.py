@@ -432,6 +432,7 @@ class _SpoonMixIn:
         self._stopping = False
         self._serving_thread = threading.get_ident()
         self._stopped.clear()
+        _log_start(self, None)
         bridge_twisted_to_stdlib()
         try:
             self.serve(reactor, shared=False).addCallback(lambda _: lifecycle.stop_reactor(reactor))
@@ -764,6 +765,7 @@ class _SporkMixIn(_SpoonMixIn):
             return
         from spoon.pool.supervisor import Supervisor
 
+        _log_start(self, self.prefork)
         Supervisor(self).run()
 
     def shutdown(self):
@@ -782,6 +784,16 @@ class _SporkMixIn(_SpoonMixIn):
             supervisor.request(self.signal_reload or signal.SIGUSR1)
             return
         _SpoonMixIn.reload_handler(self, *args, **kwargs)
+
+
+def _log_start(server, workers):
+    """Say where ``server`` listens (and with how many workers), as twistd does; a program
+    that configured no logging gets spoon's default (stderr, or as ``SPOON_LOG_*`` say)."""
+    from spoon import config, logs
+
+    logs.ensure_default_logging(server.server_logger, config.build("script", server_class=type(server)))
+    server.log.info("listening on %s%s", _address_text(server.server_address),
+                    " with %d workers" % workers if workers else "")
 
 
 class TCPSpoon(_SpoonMixIn, socketserver.TCPServer):

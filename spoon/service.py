@@ -18,7 +18,6 @@ see :mod:`spoon.tap`) or call ``startService``/``stopService`` yourself.
 """
 
 import os
-import re
 import signal
 import socket
 import sys
@@ -26,7 +25,7 @@ import sys
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
 from spoon.net import (
     SocketSpec,
@@ -35,6 +34,7 @@ from spoon.net import (
     parse_socket_endpoint,
     socket_options,
 )
+from spoon import logs
 from spoon.lifecycle import GracefulStop
 from spoon.linux import process_ids, process_stat
 from spoon.reactors import given_or_global
@@ -112,54 +112,29 @@ class _LineRelay:
             self._emit(text)
 
 
-#: A record as the supervisor and its workers write it ("[pid] logger LEVEL: message",
-#: after an optional timestamp, which the relay drops: the event gets its own).
-_RECORD = re.compile(
-    r"^(?:\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[,.]\d+)?\s+)?"
-    r"\[(\d+)\]\s+(\S+)\s+(DEBUG|INFO|WARNING|ERROR|CRITICAL):\s?(.*)$"
-)
-_LEVELS = {
-    "DEBUG": LogLevel.debug,
-    "INFO": LogLevel.info,
-    "WARNING": LogLevel.warn,
-    "ERROR": LogLevel.error,
-    "CRITICAL": LogLevel.critical,
-}
-
-
 class _SupervisorProtocol(ProcessProtocol):
     """The service's side of one supervisor process: relays its output, reports its end.
 
-    A line in the pool's record format becomes an event of that logger, level and pid
-    (shown as "[logger#level pid=N]", like the host process's own lines); the lines that
-    follow it without a header of their own (a traceback) are the same record's; any other
-    line is relayed as it is, under "spoon.pool".
+    The supervisor and its workers write one JSON object a line (``--log-format json``):
+    each becomes an event of that logger and level, with the writer's pid and time (see
+    :func:`spoon.logs.relayed_event`); any other line (a stray print) is relayed as it is,
+    under "spoon.pool".
     """
 
     def __init__(self, service, log):
         self.service = service
         self.started_at = service.reactor.seconds()
-        self.relays = {fd: _LineRelay(lambda text, fd=fd: self._line(fd, text)) for fd in (1, 2)}
+        self.relays = {fd: _LineRelay(self._line) for fd in (1, 2)}
         self.log = log
         self.pid = None
-        self._last = {}  # per descriptor: (logger, level, pid) of the last record header
 
-    def _line(self, fd, text):
-        match = _RECORD.match(text)
-        if match is not None:
-            pid, name, level_name, text = match.groups()
-            self._last[fd] = (name, _LEVELS[level_name], pid)
-        last = self._last.get(fd)
-        if last is None:
-            self.log.info("{line}", line=text, log_system="spoon.pool", spoon_pid_in_text=True)
+    def _line(self, text):
+        fields = logs.parse_line(text)
+        if fields is None:
+            self.log.info("{line}", line=text, log_system="spoon.pool")
             return
-        name, level, pid = last
-        Logger(namespace=name).emit(
-            level,
-            "{line}",
-            line=text,
-            log_system="%s#%s pid=%s" % (name, level.name, pid),
-            spoon_pid_in_text=True,
+        Logger(namespace=fields["logger"]).emit(
+            logs.twisted_level(fields["level"]), **logs.relayed_event(fields)
         )
 
     def childDataReceived(self, childFD, data):
@@ -204,6 +179,8 @@ class PreforkService(service.Service):
     itself before it forks any worker (``twistd --uid/--gid`` passes them).
     ``reactor_name``: the reactor the workers install, by twistd short name (default: the
     kind of reactor this process runs, so ``twistd --reactor poll`` gives poll workers).
+    ``log_level``: the lowest level the pool logs ("debug", "info"...; default info); its
+    records come back into this process's Twisted log with their writer's pid and time.
 
     After ``privilegedStartService`` (or ``startService``) ``address`` is the bound address,
     so port 0 works.  ``stopService`` stops the pool gracefully (SIGTERM) and fires when the
@@ -233,8 +210,10 @@ class PreforkService(service.Service):
         uid=None,
         gid=None,
         reactor_name=None,
+        log_level="info",
     ):
         self.target = target
+        self.log_level = log_level
         self.target_object = resolve(target)
         if isinstance(self.target_object, type) and not is_server_class(self.target_object):
             raise TargetError("%r is a class but not a spoon server class" % target)
@@ -285,8 +264,9 @@ class PreforkService(service.Service):
             spec = parse_socket_endpoint(endpoint)
             if spec is None:
                 raise ValueError(
-                    "endpoint %r cannot be pre-forked: only tcp:, tcp6: and udp: endpoints "
-                    "name a socket that can be bound here and handed to the workers" % endpoint
+                    "endpoint %r cannot be pre-forked: only tcp:, tcp6:, udp:, unix: and "
+                    "systemd: endpoints name a socket that can be bound here and handed to "
+                    "the workers" % endpoint
                 )
         else:
             host, port = endpoint[0], int(endpoint[1])
@@ -318,7 +298,9 @@ class PreforkService(service.Service):
 
     def supervisor_args(self):
         """The supervisor's command line (``python -m spoon.prefork ...``)."""
-        args = [self.python, "-m", "spoon.prefork", "--fd", str(CHILD_SOCKET_FD), "--target", self.target]
+        args = [self.python, "-m", "spoon.prefork", "--fd", str(CHILD_SOCKET_FD), "--target", self.target,
+                # One JSON object a line: parsed back into events of this process's log.
+                "--log-format", "json", "--log-level", str(self.log_level)]
         if self._drops_privileges():
             # Executed while this process is still privileged (an interpreter installed
             # where only root can read could not be executed as "nobody"); the supervisor
@@ -625,7 +607,8 @@ class ServeService(service.Service):
                     "{server} listening on {kind} {address}",
                     server=type(self.server).__name__,
                     kind=spec.kind,
-                    address=format_address((host.host, host.port)),
+                    address=format_address(
+                        (host.host, host.port) if hasattr(host, "port") else host.name),
                 )
         except BaseException:
             self._stop_listening()

@@ -197,6 +197,9 @@ def makeService(options):
                 gid=config.gid,
                 # twistd --reactor NAME: the workers run the same kind of reactor.
                 reactor_name=config.reactor,
+                # The pool's records come back as JSON lines, re-emitted here in twistd's
+                # log (spoon's format) with their writer's pid.
+                log_level=config.log_level,
             ).setServiceParent(top)
     else:
         server = build_server(config.server_class, (config.interface, config.port))

@@ -9,6 +9,7 @@ import importlib
 import inspect
 import signal
 import socket
+import sys
 
 __all__ = [
     "TargetError",
@@ -20,6 +21,7 @@ __all__ = [
     "check_endpoint_kind",
     "build_server",
     "pool_target",
+    "check_handler",
 ]
 
 
@@ -58,13 +60,24 @@ def resolve(path):
 
 
 
+def _server_module():
+    """:mod:`spoon.server` if it is imported, else None.
+
+    A spoon server class exists only once that module has been imported (the class was
+    made from it), so asking ``sys.modules`` answers every question here without importing
+    it: this module, and :mod:`spoon.config` which reads it, stay importable from
+    :mod:`spoon.server` itself (its ``serve_forever`` reads the configuration) without an
+    import cycle."""
+    return sys.modules.get("spoon.server")
+
+
 def _is_subclass(obj, *names):
     """Whether ``obj`` is a subclass of one of the :mod:`spoon.server` classes ``names``:
-    the one test of "is this a spoon server class" (imported late: the server module
-    imports the pool, never the reverse)."""
-    from spoon import server
-
-    return isinstance(obj, type) and issubclass(obj, tuple(getattr(server, n) for n in names))
+    the one test of "is this a spoon server class"."""
+    server = _server_module()
+    if server is None or not isinstance(obj, type):
+        return False
+    return issubclass(obj, tuple(getattr(server, n) for n in names))
 
 
 def is_server_class(obj):
@@ -115,9 +128,7 @@ _HANDLED_BY_SERVERS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 def _construct_around(klass, sock, address):
     """``klass(address)`` adopting ``sock`` instead of binding (whatever its ``__init__``
     looks like): see :func:`spoon.server.using_socket`."""
-    from spoon.server import using_socket
-
-    with using_socket(sock):
+    with _server_module().using_socket(sock):
         return klass(address)
 
 
@@ -171,6 +182,12 @@ def pool_target(sock, obj, name=None):
     from spoon.pool.factory import FactoryTarget
 
     return FactoryTarget(sock, obj, name)
+
+
+def check_handler(klass):
+    """The server class ``klass``'s own check of its handler (``handler_klass`` a Gulp
+    that implements ``handle()``): TypeError with the one-line reason."""
+    _server_module().check_handler_class(klass)
 
 
 def server_class(path):

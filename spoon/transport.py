@@ -269,6 +269,9 @@ class LeanConnection:
         self.protocol.writeConnectionLost()
 
     def _address(self, addr):
+        if self.socket.family == socket.AF_UNIX:
+            # accept() gives '' for an unnamed client, as socketserver passes it on.
+            return address.UNIXAddress(addr or None)
         if self.socket.family == socket.AF_INET6:
             return address.IPv6Address("TCP", *addr)
         return address.IPv4Address("TCP", *addr[:2])

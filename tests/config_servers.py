@@ -6,9 +6,20 @@ Importing it has no side effect: it holds no tests.
 import spoon.server
 
 
+class Echo(spoon.server.Gulp):
+    def handle(self):
+        self.wfile.write(self.rfile.readline())
+
+
+class UDPEcho(spoon.server.UDPGulp):
+    def handle(self):
+        self.wfile.write(self.rfile.read())
+
+
 class DefaultsSpork(spoon.server.TCPSpork):
     """Every class-level source set: command_line_defaults, prefork, the timeouts."""
 
+    handler_klass = Echo
     prefork = 3
     graceful_timeout = 7
     worker_timeout = 11
@@ -27,18 +38,23 @@ class SporkFromDefaults(DefaultsSpork):
 
 
 class PlainSpoon(spoon.server.TCPSpoon):
-    pass
+    handler_klass = Echo
 
 
 class UDPServer(spoon.server.UDPSpoon):
-    pass
+    handler_klass = UDPEcho
 
 
 class NoGulp(spoon.server.TCPSpoon):
     handler_klass = object
 
 
+class NoHandler(spoon.server.TCPSpoon):
+    """The stock handler_klass: a Gulp without a handle() of its own."""
+
+
 class BadDefaults(spoon.server.TCPSpoon):
+    handler_klass = Echo
     command_line_defaults = dict(spoon.server.TCPSpoon.command_line_defaults, port=99999)
 
 

@@ -94,12 +94,26 @@ def cpu_seconds(pid):
 
 
 def connect(address, timeout=5.0):
-    """A connected client socket with ``timeout`` on every operation."""
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    """A connected client socket with ``timeout`` on every operation; ``address`` a
+    (host, port) pair or the path of a UNIX socket."""
+    if isinstance(address, str):
+        family = socket.AF_UNIX
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.connect(address)
     return sock
+
+
+def kill_group(proc, timeout=10):
+    """SIGKILL the process group ``proc`` leads (started with ``start_new_session``), then
+    reap ``proc``: nothing of it is left behind."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout)
 
 
 def recv_all(sock, limit=1 << 20):

@@ -152,7 +152,7 @@ def test_print_config_names_each_source():
         ({"endpoint": ["tcp:99999"]}, {}, "--endpoint 'tcp:99999' (option --endpoint): the port must be between 0 and 65535, not 99999"),
         ({"endpoint": ["tcp:port"]}, {}, "needs a numeric port"),
         ({"endpoint": ["udp:0"]}, {}, "is a TCP server"),
-        ({"endpoint": ["unix:/tmp/x.sock"]}, {}, "cannot be pre-forked"),
+        ({"endpoint": ["ssl:0"]}, {}, "cannot be pre-forked"),
     ],
 )
 def test_each_bad_value_is_one_line_naming_its_source(options, environ, message):
@@ -167,7 +167,8 @@ def test_each_bad_value_is_one_line_naming_its_source(options, environ, message)
         ("no_such_module_q.Server", "--server: cannot import 'no_such_module_q.Server'"),
         ("config_servers.Missing", "module 'config_servers' has no attribute 'Missing'"),
         ("config_servers.NotAServer", "--server: 'config_servers.NotAServer' is not a spoon server class"),
-        ("config_servers.NoGulp", "config_servers.NoGulp.handler_klass must be a Gulp handler class"),
+        ("config_servers.NoGulp", "--server: NoGulp.handler_klass is <class 'object'>, not a request handler class"),
+        ("config_servers.NoHandler", "--server: NoHandler has no handler: set handler_klass to a subclass of spoon.server.Gulp"),
         ("config_servers.BadDefaults", "class config_servers.BadDefaults.command_line_defaults['port']: must be between 0 and 65535, not 99999"),
         ("config_servers.make_factory", "'config_servers.make_factory' is not a spoon server class"),
     ],
@@ -272,15 +273,34 @@ def test_argparse_and_twistd_offer_the_same_spellings():
 
 
 def test_argparse_command_line_builds_the_same_config_as_twistds():
-    argv = ["-s", "4", "-e", "tcp:1", "-e", "tcp:2", "--log-format", "json", "-d"]
+    argv = ["-s", "4", "-e", "tcp:1", "--log-format", "json", "-d"]
     parser = config.add_arguments(argparse.ArgumentParser(), "daemon")
     from_argparse = config.from_arguments(parser.parse_args([SPORK] + argv), "daemon", environ={})
     twisted = config.twisted_options("twistd")()
     twisted.parseOptions(["--server", SPORK] + argv)
     for c in (from_argparse, twisted.config):
         assert c.errors == []
-        assert (c.workers, c.endpoint, c.log_format, c.log_level) == (4, ["tcp:1", "tcp:2"], "json", "debug")
+        assert (c.workers, c.endpoint, c.log_format, c.log_level) == (4, ["tcp:1"], "json", "debug")
         assert c.source("endpoint") == "option --endpoint"
+
+
+@pytest.mark.parametrize("entry_point", ["twistd", "daemon"])
+@pytest.mark.parametrize("description", ["unix:/tmp/x.sock", "systemd:domain=INET:index=0"])
+def test_unix_and_systemd_endpoints_can_be_pre_forked(entry_point, description):
+    c = build({"server": SPORK, "endpoint": [description], "workers": "3"}, {},
+              entry_point=entry_point)
+    assert c.errors == []
+
+
+def test_the_spoon_command_refuses_what_only_twistd_serves_one_line_each():
+    c = build({"server": SPORK, "endpoint": ["tcp:1", "tcp:2"]}, {}, entry_point="daemon")
+    assert c.errors == ["--endpoint (option --endpoint): the spoon command serves one "
+                        "endpoint, not 2 (twistd spoon serves several)"]
+    c = build({"server": SPORK, "endpoint": ["ssl:0"], "workers": "1"}, {},
+              entry_point="daemon")
+    assert c.errors == ["--endpoint 'ssl:0' (option --endpoint): the spoon command "
+                        "serves tcp:, tcp6:, udp:, unix: and systemd: endpoints (twistd spoon "
+                        "serves any kind)"]
 
 
 def run_examples(*args, env=None):
@@ -321,13 +341,20 @@ def test_the_readme_example_file_is_a_valid_configuration(tmp_path):
 def test_recorded_settings_build_the_same_configuration_again(tmp_path):
     """What ``restart`` keeps beside the pid file: given values, not the class's."""
     c = config.build("daemon", {"server": SPORK, "workers": "6", "log_file": "/tmp/x.log",
-                                "endpoint": ["tcp:1", "tcp6:2:interface=\\:\\:1"], "uid": "0"},
+                                "endpoint": ["tcp6:2:interface=\\:\\:1"], "uid": "0"},
                      environ={"SPOON_LOG_FORMAT": "json"})
     text = c.recorded()
     assert "port" not in text and "graceful_timeout" not in text
     assert c.errors == []
     again = config.build("daemon", {"config": toml(tmp_path, text)}, environ={})
     assert again.errors == [] and again.values == c.values
+    # restart: the record read in place of a file, anything given again winning.
+    restarted = config.build("daemon", {"server": SPORK, "workers": "2"}, environ={},
+                             recorded=(text, "recorded"))
+    assert restarted.errors == []
+    assert restarted.values == dict(c.values, workers=2)
+    assert restarted.source("log_file") == "recorded: log_file"
+    assert restarted.source("workers") == "option --spork"
 
 
 def test_a_script_reads_the_class_then_the_file_then_the_environment(tmp_path):

@@ -283,7 +283,7 @@ def test_spork_option_preforks_a_spoon_class(daemons):
     [
         ("no_such_module.Server", "cannot import 'no_such_module.Server'"),
         ("probe_servers.Missing", "module 'probe_servers' has no attribute 'Missing'"),
-        ("probe_servers.NotAServer", "probe_servers.NotAServer is not a spoon server class"),
+        ("probe_servers.NotAServer", "'probe_servers.NotAServer' is not a spoon server class"),
         ("ProbeServer", "'ProbeServer' is not a dotted path"),
     ],
 )
@@ -310,7 +310,7 @@ def test_busy_port(daemons):
 def test_spork_count_must_be_positive(daemons):
     result = daemons.run("start", "-p", daemons.pid_file, "-s", "0")
     assert result.returncode == 2
-    assert "-s/--spork must be at least 1" in result.stderr
+    assert "--spork: must be at least 1, not 0" in result.stderr
 
 
 def test_daemon_needs_a_pid_file(daemons):

@@ -114,7 +114,7 @@ def test_the_identity_record_names_the_daemon_and_goes_with_it(daemons):
     assert instance.record["pid"] == pid
     assert instance.record["start_time"] == instance.start_time
     assert instance.record["klass"] == "probe_servers.ProbeServer"
-    assert instance.record["options"]["log_file"] == daemons.log_file
+    assert 'log_file = "%s"' % daemons.log_file in instance.record["config"].splitlines()
     assert daemons.run("stop", "-p", daemons.pid_file).returncode == 0
     assert not os.path.exists(daemons.pid_file)
     assert not os.path.exists(daemons.pid_file + ".json")

@@ -81,7 +81,7 @@ def test_unknown_user_is_refused_before_anything_starts(shared_daemons):
     d = shared_daemons
     result = d.run("start", "-p", d.pid_file, "--uid", "no-such-user-here")
     assert result.returncode == 2
-    assert "--uid no-such-user-here: no such user or group" in result.stderr
+    assert 'uid = "no-such-user-here" (option --uid): no such user' in result.stderr
     assert not os.path.exists(d.port_file) and not os.path.exists(d.pid_file)
 
 

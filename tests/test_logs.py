@@ -419,8 +419,10 @@ def test_examples_pool_writes_json_from_every_process_to_one_file(tmp_path):
 
         def port():
             for record in records():
-                if record["message"].startswith("EchoServerForked listening on 127.0.0.1:"):
-                    return int(record["message"].rsplit(":", 1)[1])
+                # (the server's own start line, as a plain script's)
+                if record["message"].startswith("listening on 127.0.0.1:"):
+                    assert record["message"].endswith(" with 2 workers"), record
+                    return int(record["message"].split()[2].rsplit(":", 1)[1])
             return None
 
         port = wait_for(port, 30, what="the listening line in %s" % log_file)

@@ -32,3 +32,23 @@ def test_readme_example_half_close(server_process):
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=10) == 0
     assert "RETURNED" in server.read_output()
+
+
+def test_readme_example_logs_its_start_to_stderr_as_twistd_does(server_process):
+    """The plain script configures no logging: spoon's default says where it listens, in
+    spoon's line format, as twistd would (stderr is merged into the output here)."""
+    from support import LOG_LINE, wait_for
+
+    server = server_process(ECHO)
+
+    def started():
+        for line in server.lines_so_far():
+            match = LOG_LINE.match(line)
+            if match and match.group(5) == "listening on [::]:%d" % server.port:
+                return match
+        return None
+
+    match = wait_for(started, timeout=10, what="the start line")
+    assert (match.group(2), int(match.group(3)), match.group(4)) == ("INFO", server.pid, "my-echo-server")
+    server.signal(signal.SIGTERM)
+    assert server.wait(timeout=10) == 0

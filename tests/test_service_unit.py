@@ -1,6 +1,7 @@
 """Unit tests of spoon.service: endpoint parsing, binding, dotted paths, the supervisor
 life cycle driven by a MemoryReactorClock, and the line relay.  No process is started."""
 
+import os
 import signal
 import socket
 
@@ -28,6 +29,9 @@ from spoon.targets import TargetError, resolve
         ("tcp6:8080:\\:\\:1", ("tcp", "::1", 8080, None)),
         ("udp:53:interface=127.0.0.1", ("udp", "127.0.0.1", 53, None)),
         ("8080", ("tcp", "0.0.0.0", 8080, None)),
+        ("unix:/tmp/x.sock", ("unix", "/tmp/x.sock", None, None)),
+        ("unix:address=/tmp/x.sock:mode=600:backlog=9", ("unix", "/tmp/x.sock", None, 9)),
+        ("systemd:domain=INET:index=1", ("systemd", None, None, None)),
     ],
 )
 def test_parse_socket_endpoints(description, expected):
@@ -35,7 +39,7 @@ def test_parse_socket_endpoints(description, expected):
     assert (spec.kind, spec.host, spec.port, spec.backlog) == expected
 
 
-@pytest.mark.parametrize("description", ["unix:/tmp/x.sock", "ssl:443", "systemd:domain=INET:index=0"])
+@pytest.mark.parametrize("description", ["ssl:443", "tls:443", "ssh:22"])
 def test_other_endpoints_are_not_socket_endpoints(description):
     assert parse_socket_endpoint(description) is None
 
@@ -95,7 +99,7 @@ def test_prefork_service_rejects_non_server_classes_and_wrong_endpoints():
     with pytest.raises(TargetError, match="not a spoon server class"):
         PreforkService("socket.socket")
     with pytest.raises(ValueError, match="cannot be pre-forked"):
-        PreforkService("spoon.examples.EchoServer", "unix:/tmp/x.sock")
+        PreforkService("spoon.examples.EchoServer", "ssl:0")
     with pytest.raises(ValueError, match="TCP server but the endpoint is UDP"):
         PreforkService("spoon.examples.EchoServer", "udp:0")
 
@@ -157,7 +161,7 @@ def test_spawns_supervisor_with_the_bound_socket_and_options(events):
         protocol, executable, args, env, fds = reactor.spawned[0]
         assert args[1:] == [
             "-m", "spoon.prefork", "--fd", "3", "--target", "spoon.examples.EchoServer",
-            "--workers", "3", "--graceful-timeout", "7", "--worker-timeout", "9",
+            "--log-format", "json", "--log-level", "info", "--workers", "3", "--graceful-timeout", "7", "--worker-timeout", "9",
         ]
         assert fds[3] == svc.socket.fileno() and fds[1] == "r" and fds[2] == "r"
         assert svc.pid == 1000
@@ -170,22 +174,34 @@ def test_spawns_supervisor_with_the_bound_socket_and_options(events):
         svc.stopService()
 
 
-def test_pool_records_become_events_of_their_logger_level_and_pid(events):
+def test_pool_records_become_events_of_their_logger_level_pid_and_time(events):
+    """The supervisor writes JSON lines (--log-format json); each becomes one event of its
+    logger and level carrying the writer's pid, time and traceback; spoon's text lines are
+    understood too; anything else is relayed as it is."""
+    from spoon import logs
+
     reactor = ProcessReactor()
     svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
     svc.startService()
     protocol = reactor.spawned[0][0]
-    protocol.childDataReceived(2, b"2026-11-24 06:10:19,164 [8424] gen-server INFO: generation 1\n")
-    protocol.childDataReceived(2, b"[8425] spoon.worker ERROR: boom\nTraceback (most recent call last):\n")
+    protocol.childDataReceived(2, logs.render(1e9, "INFO", 8424, "gen-server", "generation 1",
+                                              log_format="json").encode() + b"\n")
+    protocol.childDataReceived(2, logs.render(1e9 + 1, "ERROR", 8425, "spoon.worker", "boom",
+                                              "Traceback (most recent call last):\n  x",
+                                              log_format="json").encode() + b"\n")
+    protocol.childDataReceived(2, logs.render(1e9 + 2, "WARNING", 8426, "w", "text line").encode()
+                               + b"\n")
     protocol.childDataReceived(1, b"a print\n")
     svc.stopService()
-    relayed = [e for e in events if e.get("spoon_pid_in_text")]
+    relayed = [e for e in events if e.get(logs.PID_KEY) or e.get("log_system") == "spoon.pool"]
     assert [(e["log_namespace"], e["log_level"], e["log_system"], _text(e)) for e in relayed] == [
         ("gen-server", LogLevel.info, "gen-server#info pid=8424", "generation 1"),
         ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "boom"),
-        ("spoon.worker", LogLevel.error, "spoon.worker#error pid=8425", "Traceback (most recent call last):"),
+        ("w", LogLevel.warn, "w#warn pid=8426", "text line"),
         ("spoon.pool", LogLevel.info, "spoon.pool", "a print"),
     ]
+    assert [round(e[logs.TIME_KEY]) for e in relayed[:3]] == [1e9, 1e9 + 1, 1e9 + 2]
+    assert relayed[1][logs.TRACEBACK_KEY] == "Traceback (most recent call last):\n  x"
 
 
 def test_unexpected_exit_restarts_with_back_off(events):
@@ -291,3 +307,21 @@ def test_workers_get_the_reactor_kind_of_this_process():
     assert "--reactor" not in svc.supervisor_args()
     svc = PreforkService("spoon.examples.EchoServer", reactor=ProcessReactor(), reactor_name="select")
     assert svc.supervisor_args()[-2:] == ["--reactor", "select"]
+
+
+def test_a_unix_endpoint_replaces_a_stale_socket_file_but_not_a_live_one(tmp_path):
+    path = str(tmp_path / "s.sock")
+    spec = parse_socket_endpoint("unix:%s:mode=600" % path)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a killed server leaves its socket file behind
+    live = bind_socket(spec)
+    try:
+        assert live.getsockname() == path and oct(os.stat(path).st_mode & 0o777) == "0o600"
+        with pytest.raises(OSError, match="cannot bind unix %s: Address already in use" % path):
+            bind_socket(spec)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(5)
+            client.connect(path)  # the live server's file was left alone
+    finally:
+        live.close()

@@ -5,61 +5,37 @@ binds, then executes this with the socket as an inherited descriptor.
 """
 
 import argparse
-import importlib
 import logging
 import os
 import signal
 import socket
-import sys
 
-from spoon import linux
+from spoon import config, linux, logs
 from spoon.pool import worker
 from spoon.pool.reactor import CannotFork, check_reactor_choice
 from spoon.pool.supervisor import Supervisor
-from spoon.targets import pool_target, resolve
+from spoon.targets import pool_target
 
 __all__ = ["main", "switch_user", "user_ids", "PRELOAD_BEFORE_SWITCH"]
-
-LOG_FORMAT = "%(asctime)s [%(process)d] %(name)s %(levelname)s: %(message)s"
 
 
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m spoon.prefork",
-        description="Supervise a pre-forked pool serving an inherited listening socket.",
+        description="Supervise a pre-forked pool serving an inherited listening socket. "
+        "Settings also come from a --config file and SPOON_* variables.",
     )
-    p.add_argument("--fd", type=int, required=True, help="inherited bound (listening) socket")
-    p.add_argument(
-        "--target",
-        required=True,
-        help="dotted path of a spoon server class, or of a callable returning a Twisted "
-        "protocol factory",
-    )
-    p.add_argument("--workers", type=int, default=None, help="default: the class's prefork")
-    p.add_argument("--graceful-timeout", type=float, default=None)
-    p.add_argument("--worker-timeout", type=float, default=None)
+    p.add_argument("--fd", type=int, help="inherited bound (listening) socket (required to serve)")
     p.add_argument("--udp", action="store_true", help="the callable returns a DatagramProtocol")
+    # --target (the server class, or a callable returning a Twisted protocol factory),
+    # --workers, the timeouts, --reactor, --uid/--gid, the log settings: spoon.config's.
+    config.add_arguments(p, "prefork")
     p.add_argument(
         "--proxy-protocol",
         action="store_true",
         help="connections start with a PROXY protocol header (a haproxy:tcp: endpoint); "
         "a spoon stream server class only",
     )
-    p.add_argument(
-        "--reactor",
-        default=None,
-        metavar="NAME",
-        help="reactor the workers install, by twistd short name (epoll, poll, select, "
-        "asyncio...); default: Twisted's default",
-    )
-    p.add_argument(
-        "--uid",
-        default=None,
-        help="user (name or number) the supervisor and its workers run as: switched to "
-        "after the imports, before the server is built and any worker forked",
-    )
-    p.add_argument("--gid", default=None, help="group (name or number); default: the user's")
-    p.add_argument("--log-level", default="INFO")
     return p
 
 
@@ -116,22 +92,27 @@ def switch_user(uid, gid, name=None):
         os.setgroups([gid])
 
 
-def _target_module(path):
-    module = path.rpartition(".")[0]
-    while module:
-        try:
-            return importlib.import_module(module)
-        except ImportError:
-            module = module.rpartition(".")[0]
-        except Exception:
-            return None  # reported when the target is resolved
-    return None
+def _given(cfg, name):
+    """A setting's value, or None where only the default set it (the target decides)."""
+    return cfg.values.get(name) if cfg.source(name) != "default" else None
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format=LOG_FORMAT)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    cfg = config.from_arguments(args, "prefork")
+    status = config.check_and_print(cfg)
+    if status is not None:
+        return status
     log = logging.getLogger("spoon.prefork")
+    if cfg.errors:
+        logs.setup_logging(log_format=cfg.log_format or "text")
+        for error in cfg.errors:
+            log.error("%s", error)
+        return 2
+    if args.fd is None:
+        parser.error("--fd is required to serve: the inherited listening socket")
+    logs.configure(cfg)
     # Die with the process that started us (twistd): a graceful stop of the pool.
     parent = os.getppid()
     linux.set_parent_death_signal(signal.SIGTERM)
@@ -146,21 +127,21 @@ def main(argv=None):
     if sock.type == socket.SOCK_DGRAM:
         args.udp = True
     reactor_module = None
-    if args.reactor:
+    if cfg.reactor:
         try:
-            reactor_module = check_reactor_choice(args.reactor).moduleName
+            reactor_module = check_reactor_choice(cfg.reactor).moduleName
         except ValueError as e:
             log.error("%s", e)
             return 2
-    if args.uid is not None or args.gid is not None:
+    if cfg.uid is not None or cfg.gid is not None:
         # Everything the pool imports is imported now, while this process may still read
-        # it: the target's module, the workers' modules, the reactor's.
+        # it: the target's module (imported by the configuration), the workers' modules,
+        # the reactor's.
         try:
-            uid, gid, name = user_ids(args.uid, args.gid)
+            uid, gid, name = user_ids(cfg.uid, cfg.gid)
         except (KeyError, ValueError) as e:
-            log.error("--uid %s --gid %s: no such user or group (%s)", args.uid, args.gid, e)
+            log.error("--uid %s --gid %s: no such user or group (%s)", cfg.uid, cfg.gid, e)
             return 2
-        _target_module(args.target)
         worker.preload(PRELOAD_BEFORE_SWITCH + ((reactor_module,) if reactor_module else ()))
         try:
             switch_user(uid, gid, name)
@@ -174,9 +155,9 @@ def main(argv=None):
             log.error("Parent exited while the supervisor switched user")
             return 1
     try:
-        server = pool_target(sock, resolve(args.target), name=args.target)
+        server = pool_target(sock, cfg.server_class, name=cfg.server)
     except Exception as e:
-        log.error("Cannot build the pool's server from %s: %s", args.target, e)
+        log.error("Cannot build the pool's server from %s: %s", cfg.server, e)
         return 2
     if args.proxy_protocol:
         if not hasattr(server, "proxy_protocol") or args.udp:
@@ -185,11 +166,11 @@ def main(argv=None):
         server.proxy_protocol = True
     supervisor = Supervisor(
         server,
-        workers=args.workers,
-        graceful_timeout=args.graceful_timeout,
-        worker_timeout=args.worker_timeout,
+        workers=_given(cfg, "workers"),
+        graceful_timeout=_given(cfg, "graceful_timeout"),
+        worker_timeout=_given(cfg, "worker_timeout"),
         parent_pid=parent if parent != 1 else None,
-        reactor_name=args.reactor,
+        reactor_name=cfg.reactor,
     )
     try:
         supervisor.run()
@@ -202,4 +183,3 @@ def main(argv=None):
         except Exception:
             pass
     return 0
-
