@@ -845,17 +845,32 @@ def add_arguments(parser, entry_point):
     return parser
 
 
+#: The configuration a command-line entry point of this process built, None while none
+#: did: a server's own ``serve_forever()`` reads ``SPOON_*`` itself only in a program that
+#: runs it directly (the "script" entry point), never over what a command line decided.
+_command_line_config = None
+
+
+def command_line_configuration():
+    """The configuration this process's command-line entry point built (None if none)."""
+    return _command_line_config
+
+
 def from_arguments(namespace, entry_point, environ=None, server_class=None, recorded=None):
-    """:func:`build` from a namespace parsed by a parser :func:`add_arguments` filled."""
+    """:func:`build` from a namespace parsed by a parser :func:`add_arguments` filled;
+    it becomes this process's :func:`command_line_configuration`."""
+    global _command_line_config
     given = vars(namespace)
     names = set(BY_NAME) | {"config", "check_config", "print_config"}
-    return build(
+    config = build(
         entry_point,
         {name: value for name, value in given.items() if name in names},
         environ=environ,
         server_class=server_class,
         recorded=recorded,
     )
+    _command_line_config = config
+    return config
 
 
 def check_and_print(config, out=None, err=None):

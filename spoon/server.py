@@ -425,6 +425,12 @@ class _SpoonMixIn:
         ``service_actions()`` runs (in the reactor thread), when the class overrides it.
         """
         check_handler_class(type(self))
+        _script_configuration(self)
+        _log_start(self, None)
+        self._serve_here(poll_interval)
+
+    def _serve_here(self, poll_interval):
+        """Serve in this process's reactor until stopped."""
         reactor = reactor_for_serving()
         self._reactor = reactor
         if poll_interval is not None:
@@ -432,7 +438,6 @@ class _SpoonMixIn:
         self._stopping = False
         self._serving_thread = threading.get_ident()
         self._stopped.clear()
-        _log_start(self, None)
         bridge_twisted_to_stdlib()
         try:
             self.serve(reactor, shared=False).addCallback(lambda _: lifecycle.stop_reactor(reactor))
@@ -756,8 +761,10 @@ class _SporkMixIn(_SpoonMixIn):
         """Pre-fork ``prefork`` workers and supervise them until :meth:`shutdown` or a stop
         signal (see :mod:`spoon.prefork` for the signals the supervisor handles)."""
         check_handler_class(type(self))
+        _script_configuration(self)
         if self.prefork is None or self.prefork <= 1:
-            return _SpoonMixIn.serve_forever(self, poll_interval)
+            _log_start(self, None)
+            return self._serve_here(poll_interval)
         # Each worker's service_actions() runs at this interval too.
         self._poll_interval = poll_interval
         if self._shutdown_requested:  # shutdown() came first
@@ -786,12 +793,27 @@ class _SporkMixIn(_SpoonMixIn):
         _SpoonMixIn.reload_handler(self, *args, **kwargs)
 
 
-def _log_start(server, workers):
-    """Say where ``server`` listens (and with how many workers), as twistd does; a program
-    that configured no logging gets spoon's default (stderr, or as ``SPOON_LOG_*`` say)."""
+def _script_configuration(server):
+    """A server run by its own program (``serve_forever()``): what a ``SPOON_CONFIG`` file
+    or ``SPOON_*`` variables set (workers, timeouts) beats the class, as in every other
+    entry point; logging as the program configured it, else spoon's default."""
     from spoon import config, logs
 
-    logs.ensure_default_logging(server.server_logger, config.build("script", server_class=type(server)))
+    if config.command_line_configuration() is not None:
+        return  # run by spoon's command line, which applied its configuration already
+    cfg = config.build("script", server_class=type(server))
+    for name, attribute in (
+        ("workers", "prefork"),
+        ("graceful_timeout", "graceful_timeout"),
+        ("worker_timeout", "worker_timeout"),
+    ):
+        if cfg.kinds.get(name) in ("file", "env"):
+            setattr(server, attribute, getattr(cfg, name))
+    logs.ensure_default_logging(server.server_logger, cfg)
+
+
+def _log_start(server, workers):
+    """Say where ``server`` listens (and with how many workers), as twistd does."""
     server.log.info("listening on %s%s", _address_text(server.server_address),
                     " with %d workers" % workers if workers else "")
 

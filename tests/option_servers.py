@@ -55,3 +55,9 @@ class NoHandler(spoon.server.TCPSpoon):
 
 class BadPort(OptionProbe):
     command_line_defaults = dict(OptionProbe.command_line_defaults, port=70000)
+
+
+class OptionPool(OptionProbe, spoon.server.TCPSpork):
+    """A pool whose class says 4 workers (and OptionProbe's graceful_timeout, 3 s)."""
+
+    prefork = 4

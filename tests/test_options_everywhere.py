@@ -26,8 +26,8 @@ PROBE = "option_servers.OptionProbe"
 
 SCRIPT = """
 import sys
-from option_servers import OptionProbe
-OptionProbe(("127.0.0.1", int(sys.argv[1]))).serve_forever()
+import option_servers
+getattr(option_servers, sys.argv[2])(("127.0.0.1", int(sys.argv[1]))).serve_forever()
 """
 
 
@@ -86,7 +86,7 @@ class Run:
             self.argv = [sys.executable, "-m", "spoon.prefork", "--fd", str(self.sock.fileno()),
                          "--target", klass, *args]
         else:
-            self.argv = [sys.executable, "-c", SCRIPT, str(self.port)]
+            self.argv = [sys.executable, "-c", SCRIPT, str(self.port), klass.rpartition(".")[2]]
         if systemd:
             self.argv = [sys.executable, "-c", SYSTEMD, str(self.port)] + self.argv
         with open(self.out, "wb") as out:
@@ -320,6 +320,18 @@ def test_config_file(run, entry, tmp_path):
     r = run(entry, *([] if entry == "script" else ["--config", str(path)]),
             env={"SPOON_CONFIG": str(path)} if entry == "script" else None)
     _json_lines(r, r.ask()["pid"])
+
+
+def test_a_script_pool_takes_workers_and_timeouts_from_the_environment(run):
+    r = run("script", klass="option_servers.OptionPool",  # the class says 4 workers, 3 s
+            env={"SPOON_WORKERS": "2", "SPOON_GRACEFUL_TIMEOUT": "2.5"})
+    _, facts = _workers_of(r)
+    assert facts["graceful_timeout"] == 2.5
+
+
+def test_an_option_beats_the_environment(run):
+    r = run("daemon", "-s", "2", env={"SPOON_WORKERS": "3"})
+    _workers_of(r, count=2)
 
 
 @pytest.mark.parametrize("entry", ["twistd", "daemon", "prefork", "script"])
