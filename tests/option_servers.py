@@ -34,6 +34,7 @@ class Facts(spoon.server.Gulp):
             "nice": os.getpriority(os.PRIO_PROCESS, 0),
             "reactor": type(reactor).__module__ if reactor is not None else None,
             "graceful_timeout": self.server.graceful_timeout,
+            "prefork": getattr(self.server, "prefork", None),
             # What socketserver gives a handler (a UNIX socket: '' and the path).
             "client_address": self.client_address,
             "sockname": self.request.getsockname(),

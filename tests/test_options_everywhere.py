@@ -326,12 +326,15 @@ def test_a_script_pool_takes_workers_and_timeouts_from_the_environment(run):
     r = run("script", klass="option_servers.OptionPool",  # the class says 4 workers, 3 s
             env={"SPOON_WORKERS": "2", "SPOON_GRACEFUL_TIMEOUT": "2.5"})
     _, facts = _workers_of(r)
-    assert facts["graceful_timeout"] == 2.5
+    assert facts["graceful_timeout"] == 2.5 and facts["prefork"] == 2
 
 
 def test_an_option_beats_the_environment(run):
-    r = run("daemon", "-s", "2", env={"SPOON_WORKERS": "3"})
-    _workers_of(r, count=2)
+    # A Spork class served in one process (-s 1) runs its own serve_forever(), which must
+    # not read SPOON_WORKERS over the command line.
+    r = run("daemon", "-s", "1", klass="option_servers.OptionPool", env={"SPOON_WORKERS": "2"})
+    facts = r.ask()
+    assert facts["pid"] == r.pid and facts["prefork"] == 1
 
 
 @pytest.mark.parametrize("entry", ["twistd", "daemon", "prefork", "script"])
