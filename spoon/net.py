@@ -84,7 +84,7 @@ def parse_socket_endpoint(description):
     kind, sep, inner = description.partition(":")
     if sep and kind.strip().lower() == "haproxy":
         spec = parse_socket_endpoint(inner)
-        if spec is None or spec.datagram or spec.proxy:
+        if spec is None or spec.kind != "tcp" or spec.proxy:
             raise ValueError(
                 "endpoint %r: spoon serves the PROXY protocol on tcp: and tcp6: endpoints "
                 "only (or set proxy_protocol = True on the server class)" % description
