@@ -1,9 +1,8 @@
-"""What systemd hands a service and what it asks back: socket activation and readiness.
+"""What a service tells systemd: readiness, reloads, stopping, watchdog pings.
 
-- Socket activation: systemd binds the sockets of a ``.socket`` unit and starts the service
-  with them as descriptors 3, 4, ... and ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES`` in
-  the environment (sd_listen_fds(3)).  :func:`listen_sockets` takes them once; a pool's
-  supervisor then hands them to its workers like sockets it bound itself.
+(Socket activation, the other direction, is Twisted's ``twisted.python.systemd.ListenFDs``,
+used by :mod:`spoon.net` for ``systemd:`` endpoints.)
+
 - Readiness (``Type=notify``): state lines sent as one datagram to ``$NOTIFY_SOCKET``
   (sd_notify(3)): ``READY=1`` once the service serves, ``RELOADING=1`` then ``READY=1`` around
   a reload, ``STOPPING=1``, ``MAINPID=``, and ``WATCHDOG=1`` at least every half of
@@ -18,45 +17,7 @@ import os
 import socket
 import time
 
-__all__ = ["LISTEN_FDS_START", "listen_sockets", "Notifier"]
-
-#: The first descriptor systemd passes (SD_LISTEN_FDS_START).
-LISTEN_FDS_START = 3
-
-
-def listen_sockets(environ=None, unset=True):
-    """The sockets systemd passed to this process, in order, as ``socket.socket`` objects
-    (family and type as the kernel reports them); ``[]`` when none were passed to *this*
-    process (``LISTEN_PID`` names another one, e.g. a parent that did not take them).
-
-    ``unset``: remove the variables, so that a child started later does not take the same
-    descriptors for its own (sd_listen_fds' ``unset_environment``).  The sockets' names
-    (``LISTEN_FDNAMES``) are :func:`listen_names`, to be read first.
-    """
-    env = os.environ if environ is None else environ
-    try:
-        pid = int(env.get("LISTEN_PID", ""))
-        count = int(env.get("LISTEN_FDS", ""))
-    except ValueError:
-        return []
-    if pid != os.getpid() or count <= 0:
-        return []
-    sockets = []
-    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + count):
-        os.set_inheritable(fd, False)
-        sockets.append(socket.socket(fileno=fd))
-    if unset:
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            env.pop(name, None)
-    return sockets
-
-
-def listen_names(environ=None):
-    """The names of the passed sockets (``FileDescriptorName=`` of the socket unit), in
-    order; read before :func:`listen_sockets` unsets them."""
-    env = os.environ if environ is None else environ
-    names = env.get("LISTEN_FDNAMES", "")
-    return names.split(":") if names else []
+__all__ = ["Notifier"]
 
 
 class Notifier:

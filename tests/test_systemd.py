@@ -1,17 +1,13 @@
-"""spoon.systemd against what systemd really passes: the descriptors and environment of
-``systemd-socket-activate``, and notifications read from a real NOTIFY_SOCKET datagram
+"""spoon.systemd and a pool's notifications, read from a real NOTIFY_SOCKET datagram
 socket."""
 
 import os
-import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from spoon.systemd import Notifier, listen_names, listen_sockets
-from support import ROOT, wait_for
+from spoon.systemd import Notifier
+from support import ROOT
 
 
 @pytest.fixture
@@ -59,75 +55,6 @@ def test_watchdog_interval_is_half_the_timeout_for_this_process_only(notify_sock
     assert Notifier(env).watchdog_interval == 1.5
     env["WATCHDOG_PID"] = str(os.getpid() + 1)  # meant for another process
     assert Notifier(env).watchdog_interval is None
-
-
-def test_listen_sockets_ignores_descriptors_meant_for_another_process():
-    env = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "2"}
-    assert listen_sockets(env) == []
-    assert listen_sockets({"LISTEN_PID": "x", "LISTEN_FDS": "1"}) == []
-
-
-CHILD = """
-import socket, sys
-sys.path[:0] = [%r]
-from spoon.systemd import listen_names, listen_sockets
-names = listen_names()
-socks = listen_sockets()
-import os
-assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
-print("SOCKETS", len(socks), ",".join(names),
-      ",".join("%%s/%%s" %% (s.family.name, s.type.name) for s in socks), flush=True)
-conn, _ = socks[0].accept()
-conn.sendall(b"hello from fd %%d\\n" %% socks[0].fileno())
-conn.close()
-""" % ROOT
-
-
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
-                    reason="systemd-socket-activate is not installed")
-def test_sockets_passed_by_systemd_socket_activate_are_taken_once():
-    port, admin_port = _free_ports(2)
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", "127.0.0.1:%d" % port, "-l", "127.0.0.1:%d" % admin_port,
-         "--fdname", "main:admin", sys.executable, "-c", CHILD],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        # systemd-socket-activate listens first and starts the program at the first client.
-        client = wait_for(lambda: _try_connect(port) or _exited(proc), timeout=20,
-                          what="the activation socket")
-        client.settimeout(10)
-        assert client.recv(100) == b"hello from fd 3\n"
-        client.close()
-        out, err = proc.communicate(timeout=10)
-        assert "SOCKETS 2 main,admin AF_INET/SOCK_STREAM,AF_INET/SOCK_STREAM" in out, (out, err)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def _free_ports(n):
-    probes = [socket.socket() for _ in range(n)]
-    for probe in probes:
-        probe.bind(("127.0.0.1", 0))
-    ports = [probe.getsockname()[1] for probe in probes]
-    for probe in probes:
-        probe.close()
-    return ports
-
-
-def _exited(proc):
-    if proc.poll() is not None:
-        raise AssertionError("systemd-socket-activate exited: %s" % (proc.communicate(timeout=5),))
-    return None
-
-
-def _try_connect(port):
-    try:
-        return socket.create_connection(("127.0.0.1", port), timeout=2)
-    except OSError:
-        return None
 
 
 POOL = """
