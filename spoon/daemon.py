@@ -595,7 +595,8 @@ def _start(cfg, daemonize):
             from spoon.pool.supervisor import Supervisor
 
             Supervisor(server, workers=workers, graceful_timeout=cfg.graceful_timeout,
-                       worker_timeout=cfg.worker_timeout, reactor_name=cfg.reactor).run()
+                       worker_timeout=cfg.worker_timeout, reactor_name=cfg.reactor,
+                       metrics_endpoint=cfg.metrics, statsd=cfg.statsd).run()
         else:
             if cfg.reactor:
                 from twisted.application.reactors import installReactor

@@ -761,7 +761,7 @@ class _SporkMixIn(_SpoonMixIn):
         """Pre-fork ``prefork`` workers and supervise them until :meth:`shutdown` or a stop
         signal (see :mod:`spoon.prefork` for the signals the supervisor handles)."""
         check_handler_class(type(self))
-        _script_configuration(self)
+        cfg = _script_configuration(self)
         if self.prefork is None or self.prefork <= 1:
             _log_start(self, None)
             return self._serve_here(poll_interval)
@@ -773,7 +773,11 @@ class _SporkMixIn(_SpoonMixIn):
         from spoon.pool.supervisor import Supervisor
 
         _log_start(self, self.prefork)
-        Supervisor(self).run()
+        Supervisor(
+            self,
+            metrics_endpoint=cfg.metrics if cfg is not None else None,
+            statsd=cfg.statsd if cfg is not None else None,
+        ).run()
 
     def shutdown(self):
         """In the supervisor: stop every worker gracefully (they stop accepting and finish
@@ -800,7 +804,7 @@ def _script_configuration(server):
     from spoon import config, logs
 
     if config.command_line_configuration() is not None:
-        return  # run by spoon's command line, which applied its configuration already
+        return None  # run by spoon's command line, which applied its configuration already
     cfg = config.build("script", server_class=type(server))
     for name, attribute in (
         ("workers", "prefork"),
@@ -810,6 +814,7 @@ def _script_configuration(server):
         if cfg.kinds.get(name) in ("file", "env"):
             setattr(server, attribute, getattr(cfg, name))
     logs.ensure_default_logging(server.server_logger, cfg)
+    return cfg
 
 
 def _log_start(server, workers):

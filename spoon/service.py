@@ -181,6 +181,8 @@ class PreforkService(service.Service):
     kind of reactor this process runs, so ``twistd --reactor poll`` gives poll workers).
     ``log_level``: the lowest level the pool logs ("debug", "info"...; default info); its
     records come back into this process's Twisted log with their writer's pid and time.
+    ``status_file``: where the supervisor publishes its status (see ``spoon.metrics``);
+    ``extra_args``: more options of ``python -m spoon.prefork`` (``--metrics``...).
 
     After ``privilegedStartService`` (or ``startService``) ``address`` is the bound address,
     so port 0 works.  ``stopService`` stops the pool gracefully (SIGTERM) and fires when the
@@ -211,9 +213,13 @@ class PreforkService(service.Service):
         gid=None,
         reactor_name=None,
         log_level="info",
+        status_file=None,
     ):
         self.target = target
         self.log_level = log_level
+        #: Where the supervisor publishes its status table (``spoon X status -p PIDFILE``
+        #: reads PIDFILE.status): twistd passes its own pid file's.
+        self.status_file = status_file
         self.target_object = resolve(target)
         if isinstance(self.target_object, type) and not is_server_class(self.target_object):
             raise TargetError("%r is a class but not a spoon server class" % target)
@@ -334,6 +340,8 @@ class PreforkService(service.Service):
     def _environment(self):
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        if self.status_file:
+            env["SPOON_STATUS_FILE"] = self.status_file
         paths = self.python_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if paths:
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

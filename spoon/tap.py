@@ -18,7 +18,7 @@ from twisted.application import service
 from twisted.logger import ILogObserver, Logger
 
 from spoon import config as spoon_config
-from spoon import logs
+from spoon import logs, metrics
 from spoon.service import PreforkService, ServeService
 from spoon.targets import build_server
 
@@ -185,7 +185,13 @@ def makeService(options):
     if config.workers > 1:
         # twistd drops privileges (--uid/--gid) between privilegedStartService and
         # startService; the pool switches user in its supervisor (see PreforkService).
-        for description in config.endpoint:
+        for number, description in enumerate(config.endpoint):
+            # One pool publishes (one metrics port, one status file): the first one.
+            publish = []
+            if number == 0:
+                for flag, value in (("--metrics", config.metrics), ("--statsd", config.statsd)):
+                    if value:
+                        publish += [flag, value]
             PreforkService(
                 config.server,
                 description,
@@ -200,6 +206,10 @@ def makeService(options):
                 # The pool's records come back as JSON lines, re-emitted here in twistd's
                 # log (spoon's format) with their writer's pid.
                 log_level=config.log_level,
+                extra_args=publish,
+                status_file=metrics.status_path_for(config.pid_file)
+                if number == 0 and config.pid_file
+                else None,
             ).setServiceParent(top)
     else:
         server = build_server(config.server_class, (config.interface, config.port))

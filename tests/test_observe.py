@@ -262,7 +262,7 @@ def test_status_reads_a_twistd_pool_through_twistds_pid_file(tmp_path):
 
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     pid_file = str(tmp_path / "twistd.pid")
-    env = dict(os.environ, SPOON_STATUS_FILE=pid_file + ".status")
+    env = dict(os.environ)  # twistd passes its pid file's status path to the pool itself
     subprocess.run(
         [twistd, "--pidfile", pid_file, "--logfile", str(tmp_path / "twistd.log"), "spoon",
          "--server", "spoon.examples.EchoServer", "--port", "0", "--interface", "127.0.0.1",

@@ -322,6 +322,31 @@ def test_config_file(run, entry, tmp_path):
     _json_lines(r, r.ask()["pid"])
 
 
+@pytest.mark.parametrize("entry, args", [("twistd", ["-s", "2"]), ("daemon", ["-s", "2"]),
+                                         ("prefork", ["--workers", "2"]), ("script", [])])
+def test_metrics(run, entry, args):
+    """The pool's supervisor serves Prometheus metrics where --metrics (SPOON_METRICS for
+    a script) says."""
+    import urllib.request
+
+    port = _free_port()
+    where = "tcp:%d:interface=127.0.0.1" % port
+    r = run(entry, *(args + ([] if entry == "script" else ["--metrics", where])),
+            klass="option_servers.OptionPool" if entry == "script" else PROBE,
+            env={"SPOON_METRICS": where, "SPOON_WORKERS": "2"} if entry == "script" else None)
+    _workers_of(r)
+
+    def scraped():
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as reply:
+                return reply.read().decode()
+        except OSError:
+            return None
+
+    text = wait_for(scraped, timeout=20, what="metrics on port %d" % port)
+    assert "spoon_workers" in text or "spoon_worker" in text, text[:500]
+
+
 def test_a_script_pool_takes_workers_and_timeouts_from_the_environment(run):
     r = run("script", klass="option_servers.OptionPool",  # the class says 4 workers, 3 s
             env={"SPOON_WORKERS": "2", "SPOON_GRACEFUL_TIMEOUT": "2.5"})

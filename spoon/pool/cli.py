@@ -171,6 +171,8 @@ def main(argv=None):
         worker_timeout=_given(cfg, "worker_timeout"),
         parent_pid=parent if parent != 1 else None,
         reactor_name=cfg.reactor,
+        metrics_endpoint=cfg.metrics,
+        statsd=cfg.statsd,
     )
     try:
         supervisor.run()

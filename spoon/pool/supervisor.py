@@ -205,6 +205,8 @@ class Supervisor:
         poller=select.poll,
         signals=True,
         notifier=None,
+        metrics_endpoint=None,
+        statsd=None,
     ):
         self.target = IPoolTarget(target)
         self.clock = clock
@@ -212,6 +214,10 @@ class Supervisor:
         #: environment, silent without NOTIFY_SOCKET).
         self.notifier = notifier
         self.notify = None
+        #: Where the pool publishes (a Prometheus endpoint string, a statsd HOST:PORT);
+        #: None: SPOON_METRICS / SPOON_STATSD, as a pool started by twistd is told.
+        self.metrics_endpoint = metrics_endpoint
+        self.statsd = statsd
         self.processes = processes if processes is not None else OSProcesses()
         self.poller = poller
         self.install_signals = signals
@@ -784,7 +790,9 @@ class Supervisor:
         self._announced_ready = False
         if self.observer is None:
             metrics_endpoint, statsd, status_file = metrics.settings_from_environment()
-            self.observer = metrics.PoolObserver(metrics_endpoint, statsd, status_file, self.log)
+            self.observer = metrics.PoolObserver(
+                self.metrics_endpoint or metrics_endpoint, self.statsd or statsd, status_file, self.log
+            )
 
     def _stop_observing(self):
         observer, self.observer = self.observer, None
