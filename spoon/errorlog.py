@@ -15,7 +15,7 @@ turns either into a log flood.  So:
 import errno
 import socket
 
-__all__ = ["peer_fault", "origin", "RepeatLimiter"]
+__all__ = ["peer_fault", "origin", "RepeatLimiter", "repeated"]
 
 #: Cap on the distinct failures remembered at once (each is a code location, so the real
 #: number is small; the cap only bounds memory whatever happens).
@@ -93,3 +93,8 @@ class RepeatLimiter:
         entry[0] = 0
         self.clock.callLater(self.interval, self._interval_ended, key)
         self.summarize(count, self.interval, detail)
+
+
+def repeated(count, interval):
+    """The words of a repeat summary: "repeated 4,281 times in the last 10s"."""
+    return "repeated {:,} times in the last {:g}s".format(count, interval)

@@ -41,6 +41,7 @@ from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from zope.interface import implementer
 
 from spoon import errorlog
+from spoon.transport import ReactorReader
 
 _log = logging.getLogger("spoon.listener")
 
@@ -53,7 +54,7 @@ RESOURCE_RETRY_MAX = 1.0
 
 
 @implementer(IListeningPort, IReadDescriptor)
-class OneByOnePort:
+class OneByOnePort(ReactorReader):
     """Serve ``factory`` on the already listening stream socket ``sock`` (not closed here;
     the port works on its own duplicate of the descriptor).  ``serve(conn, peer)`` starts
     serving one accepted socket (in blocking mode: the serving transport does not block
@@ -151,14 +152,8 @@ class OneByOnePort:
     # -- internals ----------------------------------------------------------------------
 
     def _start_reading(self):
-        if self._listening and not self._reading:
-            self._reading = True
-            self.reactor.addReader(self)
-
-    def _stop_reading(self):
-        if self._reading:
-            self._reading = False
-            self.reactor.removeReader(self)
+        if self._listening:
+            ReactorReader._start_reading(self)
 
     def _accept_later(self):
         self._accept_scheduled = False
@@ -201,9 +196,7 @@ class OneByOnePort:
 
     def _report_accept_errors(self, count, interval, last):
         _log.error(
-            "accept() failed: %s (repeated {:,} times in the last %gs)".format(count),
-            last,
-            interval,
+            "accept() failed: %s (%s)", last, errorlog.repeated(count, interval),
         )
 
     def _accept_one(self):

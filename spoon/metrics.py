@@ -54,20 +54,29 @@ PUBLISH_INTERVAL = 1.0
 #: Suffix of the status file beside a pid file.
 STATUS_SUFFIX = ".status"
 
-# (snapshot row key, metric name without _total, help, kind)
-_WORKER_SERIES = (
-    ("connections_open", "spoon_connections_open", "Open connections.", "gauge"),
-    ("connections_total", "spoon_connections", "Accepted connections.", "counter"),
-    ("requests_started", "spoon_requests_started", "Handler runs started.", "counter"),
-    ("requests_finished", "spoon_requests", "Handler runs finished.", "counter"),
-    ("errors", "spoon_request_errors", "Handler errors (server bugs).", "counter"),
-    ("peer_resets", "spoon_peer_resets", "Clients that reset or went away.", "counter"),
-    ("timeouts", "spoon_peer_timeouts", "Clients that timed out.", "counter"),
-    ("bytes_in", "spoon_received_bytes", "Bytes read from clients.", "counter"),
-    ("bytes_out", "spoon_sent_bytes", "Bytes written to clients.", "counter"),
-    ("rss_bytes", "spoon_worker_resident_memory_bytes", "Resident memory.", "gauge"),
-    ("heartbeat_age", "spoon_worker_heartbeat_age_seconds", "Seconds since the last heartbeat.", "gauge"),
-    ("generation", "spoon_worker_config_generation", "Configuration reloads seen.", "gauge"),
+#: Per-worker series: snapshot row key, metric name (without _total), kind, help; one a
+#: line, fields separated by " | ".
+_WORKER_SERIES_TABLE = """
+connections_open | spoon_connections_open | gauge | Open connections.
+connections_total | spoon_connections | counter | Accepted connections.
+requests_started | spoon_requests_started | counter | Handler runs started.
+requests_finished | spoon_requests | counter | Handler runs finished.
+errors | spoon_request_errors | counter | Handler errors (server bugs).
+peer_resets | spoon_peer_resets | counter | Clients that reset or went away.
+timeouts | spoon_peer_timeouts | counter | Clients that timed out.
+bytes_in | spoon_received_bytes | counter | Bytes read from clients.
+bytes_out | spoon_sent_bytes | counter | Bytes written to clients.
+rss_bytes | spoon_worker_resident_memory_bytes | gauge | Resident memory.
+heartbeat_age | spoon_worker_heartbeat_age_seconds | gauge | Seconds since the last heartbeat.
+generation | spoon_worker_config_generation | gauge | Configuration reloads seen.
+"""
+# (key, name, help, kind) tuples, as the collector reads them.
+_WORKER_SERIES = tuple(
+    (key, name, text, kind)
+    for key, name, kind, text in (
+        [field.strip() for field in line.split(" | ")]
+        for line in _WORKER_SERIES_TABLE.strip().splitlines()
+    )
 )
 
 

@@ -8,6 +8,7 @@ shared like a TCP one) and ``systemd`` (a socket systemd bound and passed:
 as Twisted's ``serverFromString``.
 """
 
+import dataclasses
 import os
 import socket
 import stat
@@ -26,6 +27,7 @@ _ARGUMENTS = {
 }
 
 
+@dataclasses.dataclass(repr=False)
 class SocketSpec:
     """What to bind: ``kind`` ("tcp", "udp", "unix" or "systemd"), ``host`` (the path of a
     UNIX socket), ``port`` (None for "unix" and "systemd"), ``backlog`` (None: the server
@@ -33,14 +35,13 @@ class SocketSpec:
     sockets systemd passed); ``proxy``: connections start with a PROXY protocol header
     (a "haproxy:tcp:..." endpoint)."""
 
-    def __init__(self, kind, host, port, backlog=None, mode=None, index=None, proxy=False):
-        self.kind = kind
-        self.host = host
-        self.port = port
-        self.backlog = backlog
-        self.mode = mode
-        self.index = index
-        self.proxy = proxy
+    kind: str
+    host: object
+    port: object
+    backlog: object = None
+    mode: object = None
+    index: object = None
+    proxy: bool = False
 
     @property
     def datagram(self):

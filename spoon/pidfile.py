@@ -325,13 +325,8 @@ class Instance:
 
     def __init__(self, path, state, reason, pid=None, start_time=None, record=None,
                  holder=None):
-        self.path = path
-        self.state = state
-        self.reason = reason
-        self.pid = pid
-        self.start_time = start_time
-        self.record = record
-        self.holder = holder
+        self.path, self.state, self.reason = path, state, reason
+        self.pid, self.start_time, self.record, self.holder = pid, start_time, record, holder
 
     @property
     def running(self):

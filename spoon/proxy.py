@@ -281,10 +281,8 @@ class HeaderPolicy:
 
     def __init__(self, allow_from=DEFAULT_ALLOW_FROM, log=None, reactor=None, timeout=HEADER_TIMEOUT):
         self.allow = allow_from if isinstance(allow_from, AllowList) else AllowList(allow_from)
-        self.log = log
-        self.timeout = timeout
-        self._reactor = reactor
-        self._limiter = None
+        self.log, self.timeout = log, timeout
+        self._reactor, self._limiter = reactor, None
 
     @property
     def reactor(self):
@@ -316,13 +314,8 @@ class HeaderPolicy:
 
     def _report_repeats(self, count, interval, last):
         client_address, detail = last
-        self.log.warning(
-            "Refused {:,} more connections in the last %gs for the same reason (PROXY "
-            "protocol), the last from %s: %s".format(count),
-            interval,
-            _client_text(client_address),
-            detail,
-        )
+        self.log.warning("Refused a connection from %s: PROXY protocol: %s (the same refusal, %s)",
+                         _client_text(client_address), detail, errorlog.repeated(count, interval))
 
 
 class _PendingHeader:

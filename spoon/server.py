@@ -583,14 +583,9 @@ class _SpoonMixIn:
 
     def _report_repeats(self, count, interval, last):
         client_address, exc = last
-        self.log.error(
-            "Error while processing request from: %s: %s: %s (the same error as above, "
-            "repeated {:,} times in the last %gs)".format(count),
-            client_address,
-            type(exc).__name__,
-            exc,
-            interval,
-        )
+        what = "%s: %s" % (type(exc).__name__, exc)
+        self.log.error("Error while processing request from: %s: %s (the same error as above, %s)",
+                       client_address, what, errorlog.repeated(count, interval))
 
     @property
     def stopping(self):

@@ -62,6 +62,23 @@ def _lost(exc=None):
     return Failure(error.ConnectionLost(str(exc) if exc else "Connection lost"))
 
 
+class ReactorReader:
+    """Registering a descriptor (``self``, with ``self.reactor``) for reading once, and
+    unregistering it once: the bookkeeping both spoon descriptors share."""
+
+    _reading = False
+
+    def _start_reading(self):
+        if not self._reading:
+            self._reading = True
+            self.reactor.addReader(self)
+
+    def _stop_reading(self):
+        if self._reading:
+            self._reading = False
+            self.reactor.removeReader(self)
+
+
 @implementer(
     ITCPTransport,
     IReadWriteDescriptor,
@@ -70,7 +87,7 @@ def _lost(exc=None):
     ISystemHandle,
     IDeliversWaitingInput,
 )
-class LeanConnection:
+class LeanConnection(ReactorReader):
     """One accepted stream socket serving ``protocol`` (a ``GulpProtocol``, or any protocol
     with an ``input_checked()`` method: see :class:`IDeliversWaitingInput`).
 
@@ -129,15 +146,6 @@ class LeanConnection:
         self.protocol.readConnectionLost()
         return False
 
-    def _start_reading(self):
-        if not self._reading:
-            self._reading = True
-            self.reactor.addReader(self)
-
-    def _stop_reading(self):
-        if self._reading:
-            self._reading = False
-            self.reactor.removeReader(self)
 
     def _close_now(self, reason):
         if not self.connected:

@@ -324,7 +324,7 @@ def test_a_header_from_an_address_not_allowed_is_refused_and_logged_once(caplog)
         assert Balanced(peer=("192.0.2.9", port), same_server_as=first).closed
     assert len(_warnings(caplog)) == 1  # repeats are counted, not logged
     first.clock.advance(proxy.REPORT_INTERVAL)
-    assert _warnings(caplog)[1].startswith("Refused 3 more connections in the last 10s")
+    assert "(the same refusal, repeated 3 times in the last 10s)" in _warnings(caplog)[1]
     assert "192.0.2.9:40003" in _warnings(caplog)[1]
 
 

@@ -187,10 +187,8 @@ class FactoryTarget:
         self.pool_name = name or getattr(make_factory, "__qualname__", repr(make_factory))
         self.log = logging.getLogger("spoon-server")
         self.pids = None
-        self._reactor = None
-        self._port = None
-        self._drainable = None
-        self._serving = None
+        # While serving: the reactor, the port, what drains, the serving run.
+        self._reactor = self._port = self._drainable = self._serving = None
 
     @property
     def datagram(self):

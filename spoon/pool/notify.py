@@ -25,9 +25,8 @@ class PoolNotifier:
     def __init__(self, pid, notifier=None):
         self.notifier = notifier if notifier is not None else Notifier()
         self.pid = pid
-        self.ready = False
-        self.reload_pending = False
-        self.stopping = False
+        #: READY sent once; a reload waiting for its READY; STOPPING sent.
+        self.ready = self.reload_pending = self.stopping = False
         self._last_ping = None
 
     @property
