@@ -84,9 +84,10 @@ class RecycledPool(AnswersPool):
 class RaisesMemoryError(Answers):
     def handle(self):
         line = self.rfile.readline()
-        if line.strip() == b"oom":
-            raise MemoryError()
         self.wfile.write(b"%d %d\n" % (os.getpid(), self.server.generation))
+        if line.strip() == b"oom":
+            self.wfile.flush()
+            raise MemoryError()
 
 
 class OutOfMemoryPool(AnswersPool):

@@ -521,3 +521,76 @@ def process_title(pid):
     """The command line of ``pid`` as ``ps`` shows it (what a process title replaces)."""
     with open("/proc/%d/cmdline" % pid, "rb") as f:
         return b" ".join(part for part in f.read().split(b"\0") if part).decode("utf8", "replace")
+
+
+class PoolLoad:
+    """Requests from ``threads`` threads, one connection each, until :meth:`stop`: each
+    sends ``payload``, half-closes and reads the answer ``"<pid> <generation>"`` lines.
+
+    A connection the kernel refused (the port closed by a stop) is counted in ``refused``,
+    not as a failure: a failure is a request that was accepted and then not answered in
+    full (``failures``, with the exception).  ``answers``: (pid, generation) of each."""
+
+    def __init__(self, port, threads=4, payload=b"x\n", timeout=20.0, host="127.0.0.1"):
+        import threading
+
+        self.address = (host, port)
+        self.payload = payload
+        self.timeout = timeout
+        self.answers = []
+        self.failures = []
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def ok(self):
+        return len(self.answers)
+
+    def pids(self):
+        with self._lock:
+            return {pid for pid, _ in self.answers}
+
+    def _run(self):
+        expected = self.payload.count(b"\n")
+        while not self._stop.is_set():
+            try:
+                sock = socket.create_connection(self.address, timeout=self.timeout)
+            except ConnectionRefusedError:
+                with self._lock:
+                    self.refused += 1
+                time.sleep(0.01)
+                continue
+            except OSError as e:
+                with self._lock:
+                    self.failures.append(("connect", repr(e)))
+                continue
+            try:
+                with sock:
+                    sock.sendall(self.payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    lines = recv_all(sock).split(b"\n")[:-1]
+                    if len(lines) != expected:
+                        raise EOFError("%d of %d answers: %r" % (len(lines), expected, lines))
+                    answers = [tuple(int(x) for x in line.split()) for line in lines]
+            except Exception as e:
+                with self._lock:
+                    self.failures.append(("request", repr(e)))
+            else:
+                with self._lock:
+                    self.answers.extend(answers)
+
+    def wait_for_answers(self, count, timeout=30.0):
+        """Until ``count`` more requests have been answered (bounded)."""
+        target = self.ok + count
+        wait_for(lambda: self.ok >= target, timeout=timeout, what="%d answers (%d failures)" % (count, len(self.failures)))
+
+    def stop(self, timeout=30.0):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+            assert not t.is_alive(), "a load thread is stuck"
+        return self
