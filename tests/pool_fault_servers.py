@@ -47,6 +47,7 @@ class AnswersPool(spoon.server.TCPSpork):
 
     def load_config(self):
         self.generation += 1
+        self.log.info("generation %d", self.generation)
 
     def after_request(self):
         pass
