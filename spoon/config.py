@@ -270,6 +270,31 @@ SETTINGS = (
         "Seconds without a heartbeat after which a pre-forked worker is killed and replaced",
     ),
     Setting(
+        "max_requests", _integer(0),
+        "Requests a pre-forked worker serves before it is replaced (its successor serves "
+        "first; 0: never) [default: the class's max_requests].",
+        flags=("--max-requests",), metavar="N", default=0,
+        from_class=_class_attribute("max_requests"),
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    ),
+    Setting(
+        "max_requests_jitter", _integer(0),
+        "Up to N requests more than --max-requests, drawn per worker, so that workers "
+        "started together are not replaced together [default: the class's "
+        "max_requests_jitter].",
+        flags=("--max-requests-jitter",), metavar="N", default=0,
+        from_class=_class_attribute("max_requests_jitter"),
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    ),
+    Setting(
+        "max_worker_memory", _integer(0),
+        "Resident bytes beyond which a pre-forked worker is replaced, checked between "
+        "requests (0: no limit) [default: the class's max_worker_memory].",
+        flags=("--max-worker-memory",), metavar="BYTES", default=0,
+        from_class=_class_attribute("max_worker_memory"),
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    ),
+    Setting(
         "reactor", _text,
         "Reactor to run, by twistd short name (epoll, poll, select, asyncio...) "
         "[default: Twisted's default]. Under twistd: twistd --reactor.",
