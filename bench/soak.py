@@ -18,7 +18,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TESTS = os.path.join(ROOT, "tests")
+sys.path[:0] = [TESTS]
+
+from support import PoolLoad  # noqa: E402  (the tests' load client)
 
 #: The mix: (weight, payload).
 MIX = (
@@ -68,64 +70,9 @@ def fd_count(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
-class Load:
-    """Client threads sending the mix until stopped; every failure with its end time."""
-
-    def __init__(self, port, threads):
-        self.port = port
-        self.answered = 0
-        self.requests = 0
-        self.refused = 0
-        self.failures = []  # (monotonic time, error)
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        weights = [w for w, _ in MIX]
-        payloads = [p for _, p in MIX]
-        self.pick = lambda rng: rng.choices(payloads, weights)[0]
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(threads)]
-        for t in self.threads:
-            t.start()
-
-    def run(self, seed):
-        rng = random.Random(seed)
-        while not self.stopping.is_set():
-            payload = self.pick(rng)
-            try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
-            except ConnectionRefusedError:
-                with self.lock:
-                    self.refused += 1
-                time.sleep(0.05)
-                continue
-            except OSError as e:
-                with self.lock:
-                    self.failures.append((time.monotonic(), "connect: %r" % e))
-                continue
-            try:
-                with sock:
-                    sock.sendall(payload)
-                    sock.shutdown(socket.SHUT_WR)
-                    data = b""
-                    while True:
-                        chunk = sock.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                if data.count(b"\n") != payload.count(b"\n"):
-                    raise EOFError("%d of %d answers" % (data.count(b"\n"), payload.count(b"\n")))
-            except Exception as e:
-                with self.lock:
-                    self.requests += 1
-                    self.failures.append((time.monotonic(), repr(e)))
-            else:
-                with self.lock:
-                    self.requests += 1
-                    self.answered += payload.count(b"\n")
-
-    def stop(self):
-        self.stopping.set()
-        for t in self.threads:
-            t.join(60)
+def mixed(rng):
+    weights = [w for w, _ in MIX]
+    return rng.choices([p for _, p in MIX], weights)[0]
 
 
 def main(argv=None):
@@ -159,7 +106,7 @@ def main(argv=None):
     deadline = time.monotonic() + 30
     while len(children(server.pid)) < args.workers and time.monotonic() < deadline:
         time.sleep(0.1)
-    load = Load(port, args.threads)
+    load = PoolLoad(port, threads=args.threads, payload=mixed, timeout=30)
     time.sleep(2)  # the workers serve and have warmed up
     start_fds = {"supervisor": fd_count(server.pid), "worker": fd_count(children(server.pid)[0])}
     start_rss = {"supervisor": rss_kib(server.pid)}
@@ -195,7 +142,7 @@ def main(argv=None):
         end_fds = {"supervisor": fd_count(server.pid), "worker": fd_count(children(server.pid)[0])}
         end_rss = {"supervisor": rss_kib(server.pid)}
     finally:
-        load.stop()
+        load.stop(timeout=60)
         server.send_signal(signal.SIGTERM)
         try:
             code = server.wait(60)
@@ -206,8 +153,9 @@ def main(argv=None):
         log.close()
 
     kill_times = [t for t, _ in kills]
-    on_killed = [f for f in load.failures if any(0 <= f[0] - t <= 1.0 for t in kill_times)]
-    outside = [f for f in load.failures if f not in on_killed]
+    failures = list(zip(load.failure_times, load.failures))
+    on_killed = [f for f in failures if any(0 <= f[0] - t <= 1.0 for t in kill_times)]
+    outside = [f for f in failures if f not in on_killed]
     # Drift over each worker's life (those seen for at least 20 s).
     drifts = sorted(
         last_rss[pid][1] - first_rss[pid][1]
@@ -219,12 +167,12 @@ def main(argv=None):
         "workers": args.workers,
         "client_threads": args.threads,
         "requests": load.requests,
-        "answers": load.answered,
+        "answers": load.ok,
         "refused": load.refused,
         "failed": len(load.failures),
         "failed_on_killed_workers": len(on_killed),
         "failed_outside_killed_workers": len(outside),
-        "outside_examples": [e for _, e in outside[:5]],
+        "outside_examples": [e for _, (_, e) in outside[:5]],
         "kills": len(kills),
         "hups": hups,
         "workers_seen": len(first_rss),

@@ -2,7 +2,8 @@
 tests/test_prefork_halt.py, tests/test_prefork_retire.py) and bench/soak.py.
 
 ``python -c "import pool_fault_servers as s; s.main(NAME)"`` builds ``NAME`` on 127.0.0.1,
-port 0 (``PORT`` in the environment to choose one), logs to stdout one line per record,
+port 0 (``PORT`` in the environment to choose one), logs one line per record to stdout (or
+to the file ``POOL_LOG``),
 prints ``READY <port> <pid>`` and supervises its pool until stopped, then ``RETURNED``.
 
 Every handler answers one line ``"<pid> <generation>\\n"`` per request line: the worker that
@@ -46,7 +47,14 @@ class AnswersPool(spoon.server.TCPSpork):
     generation = 0
 
     def load_config(self):
-        self.generation += 1
+        """The generation is the number in the file ``POOL_CONFIG`` (as a real server
+        reads its configuration file), else a count of the calls."""
+        path = os.environ.get("POOL_CONFIG")
+        if path:
+            with open(path) as f:
+                self.generation = int(f.read())
+        else:
+            self.generation += 1
         self.log.info("generation %d", self.generation)
 
     def after_request(self):
@@ -102,8 +110,11 @@ class StuckPool(AnswersPool):
 
 
 def main(name):
+    # POOL_LOG: a file (a test that does not read the output as it comes must not let the
+    # pipe fill up and block the pool's processes); else stdout.
+    target = {"filename": os.environ["POOL_LOG"]} if os.environ.get("POOL_LOG") else {"stream": sys.stdout}
     logging.basicConfig(
-        stream=sys.stdout,
+        **target,
         level=logging.INFO,
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
