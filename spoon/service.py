@@ -493,8 +493,8 @@ class PreforkService(service.Service):
         )
         self._stopping = True
         self._close_socket()
-        atexit.register(_exit_now, POOL_CANNOT_SERVE)
-        if self.reactor.running:
+        if getattr(self.reactor, "running", False):
+            atexit.register(_exit_now, POOL_CANNOT_SERVE)
             self.reactor.stop()
 
     def _schedule_restart(self, pid, how, ran):
