@@ -498,3 +498,19 @@ def test_a_worker_asking_to_be_replaced_stops_only_once_its_successor_serves(poo
     assert sent_at(procs, old, signal.SIGKILL) >= asked + pool.graceful_timeout + MARGIN
     run_until(pool, lambda: old not in pool.pids)
     assert sorted(pool.pids) == sorted([other, new]) and len(procs.forks) == 3
+
+
+def test_the_traceback_of_a_worker_reaped_before_its_pipe_was_read_still_counts(pool, caplog):
+    procs = pool.processes_fake
+    procs.hold_new_workers = True  # never ready: no beat is read before they die
+    steps = 0
+    with caplog.at_level(logging.ERROR, logger="test.pool"):
+        while pool.halted is None:
+            for pid in procs.live():
+                # Its last words and its exit arrive together: the reaper sees it first.
+                procs.workers[pid].pending = b"F" + TRACEBACK
+                procs.exit(pid, 1)
+            pool.step()
+            steps += 1
+            assert steps < 100
+    assert TRACEBACK.decode().strip() in caplog.records[-1].getMessage()

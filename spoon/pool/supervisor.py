@@ -519,7 +519,10 @@ class Supervisor:
                 self._read_heartbeat(w, now)
 
     def _read_heartbeat(self, w, now):
-        data = self.processes.read(w.fd)
+        self._take(w, self.processes.read(w.fd), now)
+
+    def _take(self, w, data, now):
+        """What worker ``w`` wrote (None: nothing waits; b"": its end of the pipe closed)."""
         if data is None:
             return
         if not data:
@@ -558,9 +561,9 @@ class Supervisor:
         """Read what a dead worker wrote and the loop has not read yet (its traceback)."""
         while w.fd is not None:
             data = self.processes.read(w.fd)
-            if not data:
+            if data is None:
                 return
-            self._read_heartbeat(w, self.clock())
+            self._take(w, data, self.clock())
 
     def _replace_on_request(self, w):
         """The worker asked to be replaced: a HUP's replacement, for it alone."""
