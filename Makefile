@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # "compat" keeps twisted/plugins visible to Twisted's plugin discovery in an editable install.
 INSTALL := $(PY) -m pip install --disable-pip-version-check -q -e . --config-settings editable_mode=compat
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-all bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-all: $(PY)
 bench: $(VENV)/.installed-test
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -e ".[test,bench]" --config-settings editable_mode=compat || echo "bench: matplotlib unavailable, no plots"
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Not in CI: 10 minutes of mixed load on a pool with a worker killed every 30 s and a HUP
+# every 60 s (bench/soak.py; SOAK_ARGS="--minutes 2" for a shorter one).
+soak: $(VENV)/.installed-test
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

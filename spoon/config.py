@@ -257,6 +257,16 @@ def _timeout_setting(name, text):
     )
 
 
+def _worker_limit_setting(name, metavar, text):
+    """When a pre-forked worker is replaced; defaults to the class attribute of that name."""
+    return Setting(
+        name, _integer(0), "%s [default: the class's %s]." % (text, name),
+        flags=("--" + name.replace("_", "-"),), metavar=metavar, default=0,
+        from_class=_class_attribute(name),
+        entry_points=("twistd", "daemon", "prefork", "script"),
+    )
+
+
 SETTINGS = (
     Setting(
         "server", _text,
@@ -300,6 +310,21 @@ SETTINGS = (
     _timeout_setting(
         "worker_timeout",
         "Seconds without a heartbeat after which a pre-forked worker is killed and replaced",
+    ),
+    _worker_limit_setting(
+        "max_requests", "N",
+        "Requests a pre-forked worker serves before it is replaced (its successor serves "
+        "first; 0: never)",
+    ),
+    _worker_limit_setting(
+        "max_requests_jitter", "N",
+        "Up to N requests more than --max-requests, drawn per worker, so that workers "
+        "started together are not replaced together",
+    ),
+    _worker_limit_setting(
+        "max_worker_memory", "BYTES",
+        "Resident bytes beyond which a pre-forked worker is replaced, checked between "
+        "requests (0: no limit)",
     ),
     Setting(
         "reactor", _text,

@@ -101,3 +101,15 @@ def accept_new_connections(sock):
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOPROTOOPT, errno.EBADF):
             raise
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(pid="self"):
+    """Resident set size of a process (default: this one), in bytes; 0 if unknown."""
+    try:
+        with open("/proc/%s/statm" % pid, "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, IndexError, ValueError):
+        return 0

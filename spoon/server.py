@@ -27,7 +27,7 @@ from zope.interface import implementer
 from spoon import errorlog, greenio, lifecycle, listener, proxy
 from spoon.pool.hooks import IPoolHooks
 from spoon.pool.stats import COUNTERS
-from spoon.pool.target import IPoolTarget
+from spoon.pool.target import IPoolTarget, IRequestCounting
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -177,7 +177,7 @@ def check_handler_class(server_class):
         )
 
 
-@implementer(IPoolTarget, IPoolHooks)
+@implementer(IPoolTarget, IPoolHooks, IRequestCounting)
 class _SpoonMixIn:
     """A server that consumes Gulps in a single process.
 
@@ -344,8 +344,12 @@ class _SpoonMixIn:
                 handler.__init__(request, client_address, self)
             else:
                 klass(request, client_address, self)
-        finally:
+        except BaseException as e:
             counters.requests_finished += 1
+            self._request_ended(e)
+            raise
+        counters.requests_finished += 1
+        self._request_ended(None)
 
     def handle_request(self):
         """Serve exactly one request in this process and return, as socketserver does:
@@ -599,6 +603,22 @@ class _SpoonMixIn:
 
     #: Seconds without a heartbeat before a pool kills a worker (None: the pool's default).
     worker_timeout = None
+    #: A pool worker is replaced after this many requests (0: never; spoon.pool.retire),
+    #: plus up to ``max_requests_jitter`` more, drawn per worker...
+    max_requests = 0
+    max_requests_jitter = 0
+    #: ...or once its resident memory exceeds this many bytes (0: no limit).
+    max_worker_memory = 0
+    _request_observer = None
+
+    def watch_requests(self, observer):
+        """``observer(exc)`` is called as each request ends (IRequestCounting)."""
+        self._request_observer = observer
+
+    def _request_ended(self, exc):
+        observer = self._request_observer
+        if observer is not None:
+            observer(exc)
     _accept_shared = False
     _serving = None
 

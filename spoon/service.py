@@ -17,6 +17,8 @@ Both are plain ``IService`` providers: add them to an application (``twistd spoo
 see :mod:`spoon.tap`) or call ``startService``/``stopService`` yourself.
 """
 
+import atexit
+import logging
 import os
 import signal
 import socket
@@ -146,6 +148,22 @@ class _SupervisorProtocol(ProcessProtocol):
         for relay in self.relays.values():
             relay.flush()
         self.service._supervisor_ended(self, reason)
+
+
+#: Exit status of ``python -m spoon.prefork`` when the pool cannot serve (its workers
+#: cannot start, or this process cannot fork workers): restarting it would not help.
+POOL_CANNOT_SERVE = 3
+
+
+def _exit_now(code):
+    """At interpreter exit, once twistd has cleaned up: leave with ``code``."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def _descendants(pid):
@@ -441,6 +459,9 @@ class PreforkService(service.Service):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = "killed by signal %s" % sig if sig else "exited with status %s" % code
+        if code == POOL_CANNOT_SERVE and not self._stopping:
+            self._give_up(pid)
+            return
         if self._stopping:
             if self._kill_call is not None and self._kill_call.active():
                 self._kill_call.cancel()
@@ -451,6 +472,22 @@ class PreforkService(service.Service):
                 d.callback(None)
             return
         self._schedule_restart(pid, how, self.reactor.seconds() - protocol.started_at)
+
+    def _give_up(self, pid):
+        """The pool cannot serve (its workers cannot start, say): a new supervisor would
+        fail the same way while the port stays open and unanswered.  Close it, stop the
+        reactor, and have the process exit non-zero."""
+        self.log.error(
+            "supervisor pid {pid}: the pool cannot serve (see the error above); stopping, "
+            "exit status {code}",
+            pid=pid,
+            code=POOL_CANNOT_SERVE,
+        )
+        self._stopping = True
+        self._close_socket()
+        if getattr(self.reactor, "running", False):
+            atexit.register(_exit_now, POOL_CANNOT_SERVE)
+            self.reactor.stop()
 
     def _schedule_restart(self, pid, how, ran):
         if ran >= self.stable_after:

@@ -563,3 +563,110 @@ def proxy_v2(source=None, destination=None, command=1, tlvs=b""):
         block = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
     block += tlvs
     return PROXY_V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(block)) + block
+
+
+class PoolLoad:
+    """Requests from ``threads`` threads, one connection each, until :meth:`stop`: each
+    sends ``payload`` (bytes, or a callable of a ``random.Random`` returning them),
+    half-closes and reads the answer ``"<pid> <generation>"`` lines.
+
+    A connection the kernel refused (the port closed by a stop) is counted in ``refused``,
+    not as a failure: a failure is a request that was accepted and then not answered in
+    full (``failures``: (kind, exception); ``failure_times``: when, monotonic).
+    ``answers``: (pid, generation) of each."""
+
+    def __init__(self, port, threads=4, payload=b"x\n", timeout=20.0, host="127.0.0.1"):
+        import threading
+
+        self.address = (host, port)
+        self.payload = payload
+        self.timeout = timeout
+        self.answers = []
+        self.failures = []
+        self.failure_times = []
+        self.requests = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def ok(self):
+        return len(self.answers)
+
+    def pids(self):
+        with self._lock:
+            return {pid for pid, _ in self.answers}
+
+    def _fail(self, kind, error):
+        with self._lock:
+            self.failures.append((kind, repr(error)))
+            self.failure_times.append(time.monotonic())
+
+    def _run(self, seed):
+        import random
+
+        rng = random.Random(seed)
+        while not self._stop.is_set():
+            payload = self.payload(rng) if callable(self.payload) else self.payload
+            expected = payload.count(b"\n")
+            try:
+                sock = socket.create_connection(self.address, timeout=self.timeout)
+            except ConnectionRefusedError:
+                with self._lock:
+                    self.refused += 1
+                time.sleep(0.01)
+                continue
+            except OSError as e:
+                self._fail("connect", e)
+                continue
+            try:
+                with sock:
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    lines = recv_all(sock).split(b"\n")[:-1]
+                    if len(lines) != expected:
+                        raise EOFError("%d of %d answers: %r" % (len(lines), expected, lines))
+                    answers = [tuple(int(x) for x in line.split()) for line in lines]
+            except Exception as e:
+                self._fail("request", e)
+            else:
+                with self._lock:
+                    self.answers.extend(answers)
+            finally:
+                with self._lock:
+                    self.requests += 1
+
+    def wait_for_answers(self, count, timeout=30.0):
+        """Until ``count`` more requests have been answered (bounded)."""
+        target = self.ok + count
+        wait_for(lambda: self.ok >= target, timeout=timeout, what="%d answers (%d failures)" % (count, len(self.failures)))
+
+    def stop(self, timeout=30.0):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+            assert not t.is_alive(), "a load thread is stuck"
+        return self
+
+
+def start_pool(server_process, name, log_path, config=None, **settings):
+    """Start ``tests/pool_fault_servers.py``'s ``name`` (a pool), logging to the file
+    ``log_path`` (so that its processes never block on a full output pipe); ``config``:
+    the file its ``load_config()`` reads its generation from; ``settings``: class
+    attributes to override (``prefork=4``, ``graceful_timeout=2``)."""
+    env = {"POOL_" + key.upper(): str(value) for key, value in settings.items()}
+    env["POOL_LOG"] = str(log_path)
+    if config is not None:
+        env["POOL_CONFIG"] = str(config)
+    server = server_process("import pool_fault_servers as s; s.main(%r)" % name, env=env)
+    server.log_path = str(log_path)
+    return server
+
+
+def pool_log(server):
+    """What a pool started by :func:`start_pool` has logged so far."""
+    with open(server.log_path, encoding="utf8", errors="replace") as f:
+        return f.read()

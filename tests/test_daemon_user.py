@@ -8,14 +8,12 @@ import shutil
 import tempfile
 
 import pytest
-import twisted.internet
 
 from support import (
     Daemons,
     lines_matching,
     pid_alive,
     proc_ids,
-    readable_by_others,
     wait_for,
     workers_of,
 )
@@ -37,16 +35,6 @@ def shared_daemons():
     shutil.rmtree(path, ignore_errors=True)
 
 
-#: A worker forked after the switch imports this module (spoon/worker.py through
-#: spoon.reactors: issue 10, point 1); nobody must be able to read it.
-WORKERS_IMPORT = os.path.join(os.path.dirname(twisted.internet.__file__), "reactor.py")
-
-
-@pytest.mark.skipif(
-    not readable_by_others(WORKERS_IMPORT),
-    reason="the checkout is not readable by nobody: pool workers import "
-    "twisted.internet.reactor after the switch to nobody (spoon/worker.py)",
-)
 def test_uid_and_gid_switch_the_supervisor_and_its_workers(shared_daemons):
     d = shared_daemons
     master, port = d.start("-L", d.log_file, "-s", "2", "--uid", "nobody", "--gid", "nogroup")

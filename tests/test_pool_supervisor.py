@@ -16,10 +16,19 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from spoon.pool import supervisor as supervisor_module
-from spoon.pool.supervisor import CRASH_LOOP_DEATHS, CRASH_LOOP_FORK_INTERVAL, Supervisor
+from spoon.pool.supervisor import (
+    BOOT_FAILURES_TO_HALT,
+    CRASH_LOOP_DEATHS,
+    CRASH_LOOP_FORK_INTERVAL,
+    PoolHalted,
+    Supervisor,
+)
 from spoon.pool.target import IPool, IPoolTarget
 from spoon.pool.worker import DUMP_SIGNAL
 
+
+#: The least the supervisor must wait beyond a worker's own grace period before killing it.
+MARGIN = 1.0
 
 #: Fake seconds between two beats of a healthy fake worker.
 BEAT_INTERVAL = 0.25
@@ -64,6 +73,7 @@ class FakeProcesses:
         self.next_pid = 100
         self.next_fd = 1000
         self.crash_on_start = False
+        self.last_words = b""  # what a worker that crashes at start writes on its pipe
         self.hold_new_workers = False
         self.ppid = 1
         self.prepared = None
@@ -89,6 +99,7 @@ class FakeProcesses:
         self.by_fd[fd] = w
         self.forks.append((self.clock(), pid))
         if self.crash_on_start:
+            w.pending = self.last_words
             self.exit(pid, 1)
         return pid, fd
 
@@ -125,6 +136,9 @@ class FakeProcesses:
         w.beating = False
         w.closed_pipe = True
         w.status = by_signal if by_signal is not None else exit_status(code)
+
+    def ask_replacement(self, pid):
+        self.workers[pid].pending += b"X"
 
     def release(self, pid):
         self.workers[pid].hold_ready = False
@@ -283,9 +297,13 @@ def test_a_dead_worker_is_replaced(pool):
 
 def test_a_crash_loop_forks_at_most_one_worker_per_interval(pool):
     procs = pool.processes_fake
+    first = two_serving(pool)
+    pool.clock_fake.now += 5
     procs.crash_on_start = True
-    run_until(pool, lambda: len(procs.forks) >= CRASH_LOOP_DEATHS + 6)
-    times = [t for t, _ in procs.forks]
+    for pid in first:
+        procs.exit(pid, 1)
+    run_until(pool, lambda: len(procs.forks) >= len(first) + CRASH_LOOP_DEATHS + 6)
+    times = [t for t, _ in procs.forks[len(first):]]
     # Until the crash loop is noticed, replacements are forked at once...
     assert times[CRASH_LOOP_DEATHS - 1] - times[0] < CRASH_LOOP_FORK_INTERVAL
     # ...then at most one per interval.
@@ -372,7 +390,9 @@ def test_graceful_stop_signals_every_worker_and_kills_the_late_ones_after_the_gr
         steps += 1
         assert steps < 5000
     killed = [t for t, pid, sig in procs.kills if pid == slow and sig == signal.SIGKILL]
-    assert len(killed) == 1 and killed[0] >= stop_began + pool.graceful_timeout
+    # Not before the worker's own grace timer (graceful_timeout) has had time to close its
+    # connections itself.
+    assert len(killed) == 1 and killed[0] >= stop_began + pool.graceful_timeout + MARGIN
     assert procs.signals_of(quick) == [signal.SIGTERM]
     assert len(procs.forks) == 2  # nobody replaced during the stop
     pool.finish()
@@ -406,3 +426,91 @@ def test_parent_gone_means_a_graceful_stop(pool):
     while pool.step():
         pass
     assert os.getpid() != 1  # the real process was never asked anything
+
+
+TRACEBACK = b"Traceback (most recent call last):\n  ...\nImportError: No module named 'nowhere'\n"
+
+
+def test_a_pool_whose_first_workers_die_before_serving_halts_and_says_why_once(pool, caplog):
+    import socket
+
+    procs = pool.processes_fake
+    procs.crash_on_start = True
+    procs.last_words = b"F" + TRACEBACK
+    pool.target.socket = listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    steps = 0
+    with caplog.at_level(logging.INFO, logger="test.pool"):
+        while pool.step():
+            steps += 1
+            assert steps < 1000
+    assert BOOT_FAILURES_TO_HALT <= len(procs.forks) < BOOT_FAILURES_TO_HALT + pool.wanted
+    assert pool.halted and listening.fileno() == -1  # the port is closed
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "Halting the pool" in errors[0].getMessage()
+    assert TRACEBACK.decode().strip() in errors[0].getMessage()
+
+
+def test_run_raises_pool_halted_so_that_the_process_exits_non_zero():
+    clock = FakeClock()
+    processes = FakeProcesses(clock)
+    processes.crash_on_start = True
+    polls = []
+
+    def bounded_poller():
+        polls.append(1)
+        assert len(polls) < 10000, "the pool never halted"
+        return FakePoll(processes, clock)
+
+    sup = Supervisor(FakeTarget(), clock=clock, processes=processes, poller=bounded_poller, signals=False)
+    with pytest.raises(PoolHalted):
+        sup.run()
+    assert sup.target.stopped and processes.live() == []
+
+
+def test_deaths_before_serving_do_not_halt_a_pool_that_has_served(pool):
+    procs = pool.processes_fake
+    first = two_serving(pool)
+    procs.crash_on_start = True
+    for pid in first:
+        procs.exit(pid, 1)
+    run_until(pool, lambda: len(procs.forks) >= len(first) + 3 * BOOT_FAILURES_TO_HALT)
+    assert pool.halted is None
+
+
+def test_a_worker_asking_to_be_replaced_stops_only_once_its_successor_serves(pool):
+    procs = pool.processes_fake
+    old, other = two_serving(pool)
+    procs.hold_new_workers = True
+    procs.ask_replacement(old)
+    run_until(pool, lambda: len(procs.forks) == 3)
+    new = procs.forks[-1][1]
+    run_for(pool, 2.0)
+    assert procs.signals_of(old) == []  # still serving: its successor does not yet
+    procs.release(new)
+    run_until(pool, lambda: procs.signals_of(old) == [signal.SIGTERM])
+    assert procs.signals_of(other) == [] and len(procs.forks) == 3
+    asked = sent_at(procs, old, signal.SIGTERM)
+    # Stuck in its drain: killed only after its own grace period and the margin.
+    run_until(pool, lambda: signal.SIGKILL in procs.signals_of(old))
+    assert sent_at(procs, old, signal.SIGKILL) >= asked + pool.graceful_timeout + MARGIN
+    run_until(pool, lambda: old not in pool.pids)
+    assert sorted(pool.pids) == sorted([other, new]) and len(procs.forks) == 3
+
+
+def test_the_traceback_of_a_worker_reaped_before_its_pipe_was_read_still_counts(pool, caplog):
+    procs = pool.processes_fake
+    procs.hold_new_workers = True  # never ready: no beat is read before they die
+    steps = 0
+    with caplog.at_level(logging.ERROR, logger="test.pool"):
+        while pool.halted is None:
+            for pid in procs.live():
+                # Its last words and its exit arrive together: the reaper sees it first.
+                procs.workers[pid].pending = b"F" + TRACEBACK
+                procs.exit(pid, 1)
+            pool.step()
+            steps += 1
+            assert steps < 100
+    assert TRACEBACK.decode().strip() in caplog.records[-1].getMessage()

@@ -431,7 +431,10 @@ def test_uid_gid_switch_user_before_forking(pools, targets):
     nobody = pwd.getpwnam("nobody")
     with _listening() as sock:
         port = sock.getsockname()[1]
-        pool = pools(sock, "pooltargets.EchoPool", targets, "--workers", "2", "--uid", "nobody", "--gid", str(nobody.pw_gid))
+        # --reactor: looked up before the switch, not again through Twisted's plugin files
+        # once nobody (tests/test_prefork_private_checkout.py makes them unreadable).
+        pool = pools(sock, "pooltargets.EchoPool", targets, "--workers", "2", "--reactor", "poll",
+                     "--uid", "nobody", "--gid", str(nobody.pw_gid))
     wait_for(lambda: len(children_of(pool.pid)) == 2, timeout=20, what="2 workers:\n" + pool.log())
     workers = set(children_of(pool.pid))
     serving_pids(port, workers)

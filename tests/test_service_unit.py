@@ -264,7 +264,7 @@ def test_stop_before_spawn_and_during_back_off():
     reactor = ProcessReactor()
     svc = PreforkService("spoon.examples.EchoServer", reactor=reactor)
     svc.startService()
-    reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=3)))
+    reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
     fired = []
     svc.stopService().addCallback(fired.append)
     assert fired == [None]

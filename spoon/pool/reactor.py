@@ -17,6 +17,7 @@ import sys
 
 __all__ = [
     "CannotFork",
+    "DEFAULT_REACTOR_MODULE",
     "RENEWABLE_REACTORS",
     "check_forkable",
     "check_reactor_choice",
@@ -30,6 +31,16 @@ RENEWABLE_REACTORS = {
     "twisted.internet.pollreactor.PollReactor",
     "twisted.internet.selectreactor.SelectReactor",
 }
+
+
+#: What workers install when no reactor is chosen: the module whose ``install()`` picks the
+#: platform's default (what importing ``twisted.internet.reactor`` would do, without reading
+#: that file after a user switch).
+DEFAULT_REACTOR_MODULE = "twisted.internet.default"
+
+#: Reactor entries already looked up, by short name: after a user switch the plugin files
+#: behind the lookup may be unreadable, so a name resolved before it stays resolved.
+_known_types = {}
 
 
 class CannotFork(RuntimeError):
@@ -70,12 +81,15 @@ def check_forkable():
 def reactor_type(name):
     """The ``twisted.application.reactors`` entry of short name ``name`` (what ``twistd
     --reactor`` takes); ValueError naming the known ones otherwise."""
+    if name in _known_types:
+        return _known_types[name]
     from twisted.application.reactors import getReactorTypes
 
     types = list(getReactorTypes())
     for entry in types:
-        if entry.shortName == name:
-            return entry
+        _known_types.setdefault(entry.shortName, entry)
+    if name in _known_types:
+        return _known_types[name]
     raise ValueError("no reactor named %r (known: %s)" % (name, ", ".join(t.shortName for t in types)))
 
 

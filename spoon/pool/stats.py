@@ -215,10 +215,9 @@ class PoolStats:
         self.retirements[reason] = self.retirements.get(reason, 0) + 1
 
     def recycled(self, reason):
-        """A worker is being replaced because of its age, requests or memory (``reason``:
-        max_requests, memory...); also counted as a retirement."""
+        """A worker asked to be replaced (its requests, its memory, a MemoryError:
+        ``reason``); its retirement is counted when its successor replaces it."""
         self.recycles[reason] = self.recycles.get(reason, 0) + 1
-        self.retiring("recycle")
 
     def worker_exited(self, record, status, stopping, detail=""):
         """``record`` (a ``WorkerRecord``) was reaped with wait ``status``; the cause."""

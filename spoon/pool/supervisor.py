@@ -23,6 +23,17 @@ inside a signal handler:
 Workers write a heartbeat from their reactor into a pipe; a worker silent for longer than
 ``worker_timeout`` is stuck (a CPU loop or a blocking call in a handler): its threads'
 tracebacks are asked for, then it is killed.
+
+A pool that has never served halts when its first workers all die before serving
+(:data:`BOOT_FAILURES_TO_HALT` in a row: they cannot import, cannot install their
+reactor...): it closes the port, logs the reason once with the traceback the last worker sent
+through its heartbeat pipe, and :meth:`Supervisor.run` raises :class:`PoolHalted`, so that
+the process exits non-zero instead of keeping a port open that nothing answers.  Once the
+pool has served, deaths keep the crash-loop back-off.
+
+A worker may ask to be replaced (it served ``max_requests``, outgrew ``max_worker_memory``
+or a MemoryError escaped a handler): it is replaced as in a HUP, the new one serving before
+the old one stops accepting.
 """
 
 import collections
@@ -42,10 +53,10 @@ from spoon.pool import stats, worker
 from spoon.pool.hooks import call_hook
 from spoon.pool.notify import PoolNotifier
 from spoon.pool.proctitle import set_title, supervisor_title
-from spoon.pool.reactor import check_forkable, check_reactor_choice
+from spoon.pool.reactor import DEFAULT_REACTOR_MODULE, CannotFork, check_forkable, check_reactor_choice
 from spoon.pool.target import IPool, IPoolTarget
 
-__all__ = ["Supervisor", "OSProcesses", "WorkerRecord"]
+__all__ = ["Supervisor", "OSProcesses", "WorkerRecord", "PoolHalted"]
 
 
 #: A worker that dies before it serves, or within this many seconds of its birth, died
@@ -54,6 +65,13 @@ QUICK_DEATH = 1.0
 #: After this many start-up deaths in a row, fork at most one worker per second.
 CRASH_LOOP_DEATHS = 5
 CRASH_LOOP_FORK_INTERVAL = 1.0
+#: A pool that has never served halts after this many workers in a row died before serving.
+BOOT_FAILURES_TO_HALT = 5
+#: Most bytes of a failing worker's traceback kept.
+FAILURE_TEXT_LIMIT = 16384
+#: Seconds the supervisor waits beyond ``graceful_timeout`` before it kills a worker it asked
+#: to stop: the worker's own grace timer fires first and closes its connections itself.
+KILL_MARGIN = 5.0
 #: Seconds a fast stop (INT/QUIT) waits before killing the workers.
 FAST_STOP_TIMEOUT = 3.0
 #: Default seconds without a heartbeat after which a worker is killed.
@@ -64,6 +82,10 @@ DEFAULT_WORKER_TIMEOUT = 30
 DUMP_GRACE = 0.2
 #: Longest sleep of the supervisor loop (it also polls for dead workers and its parent).
 LOOP_TICK = 0.5
+
+
+class PoolHalted(CannotFork):
+    """The pool's first workers all died before serving: it closed its port and stopped."""
 
 
 def heartbeat_interval(worker_timeout):
@@ -162,7 +184,8 @@ class WorkerRecord:
     """What the supervisor knows about one worker."""
 
     __slots__ = (
-        "pid", "number", "fd", "born", "last_beat", "ready", "retiring", "retire_deadline", "killed", "dumped_at"
+        "pid", "number", "fd", "born", "last_beat", "ready", "retiring", "retire_deadline", "killed", "dumped_at",
+        "failure", "wants_replacing",
     )
 
     def __init__(self, pid, fd, now, number=1):
@@ -176,6 +199,8 @@ class WorkerRecord:
         self.retire_deadline = None
         self.killed = False
         self.dumped_at = None  # when its tracebacks were asked for (its heartbeat late)
+        self.failure = None  # bytearray: the traceback it sent before dying
+        self.wants_replacing = False
 
 
 @implementer(IPool)
@@ -256,6 +281,12 @@ class Supervisor:
         self._crash_looping = False
         self._last_fork = 0.0
         self._last_dump = float("-inf")
+        #: Whether any worker of this pool ever served (then deaths never halt it).
+        self.served = False
+        self._boot_failures = 0
+        self._last_failure = None
+        #: Why the pool halted (None: it did not).
+        self.halted = None
         self._loop_thread = None
         self._done = threading.Event()
         self._handlers = self._signal_handlers()
@@ -384,6 +415,8 @@ class Supervisor:
             self.log.info("Supervisor %d: all workers gone", self.pid)
         finally:
             self.finish()
+        if self.halted is not None:
+            raise PoolHalted(self.halted)
 
     def start(self):
         """Get ready to fork: check this process, preload, pipes, signals."""
@@ -396,6 +429,9 @@ class Supervisor:
         if self.reactor_name and self._reactor_module is None:
             # Shared copy-on-write, and an unknown name fails here rather than in each worker.
             self._reactor_module = check_reactor_choice(self.reactor_name).moduleName
+        if self._reactor_module is None:
+            # Workers install it by module: they import nothing new after a user switch.
+            self._reactor_module = DEFAULT_REACTOR_MODULE
         if self._reactor_module:
             extra.append(self._reactor_module)
         self.processes.prepare(extra, supervisor_title(target.pool_name, sock))
@@ -517,7 +553,10 @@ class Supervisor:
                 self._read_heartbeat(w, now)
 
     def _read_heartbeat(self, w, now):
-        data = self.processes.read(w.fd)
+        self._take(w, self.processes.read(w.fd), now)
+
+    def _take(self, w, data, now):
+        """What worker ``w`` wrote (None: nothing waits; b"": its end of the pipe closed)."""
         if data is None:
             return
         if not data:
@@ -525,17 +564,51 @@ class Supervisor:
             self.processes.close(w.fd)
             w.fd = None
             return
+        if w.failure is not None:
+            self._keep_failure(w, data)
+            return
+        data, failed, trail = data.partition(worker.Heartbeat.FAILED)
+        if failed:
+            w.failure = bytearray()
+            self._keep_failure(w, trail)
         w.last_beat = now
         w.dumped_at = None
         if not w.ready and worker.Heartbeat.READY in data:
             w.ready = True
+            self.served = True
             self.log.info("Worker %d serving", w.pid)
             self._check_pool_ready()
+        if worker.Heartbeat.REPLACE_ME in data:
+            self._replace_on_request(w)
         if self._quick_deaths and w.ready and now - w.born > QUICK_DEATH:
             if self._crash_looping:
                 self.log.info("Workers start again; forking at full speed")
             self._quick_deaths = 0
             self._crash_looping = False
+
+    @staticmethod
+    def _keep_failure(w, data):
+        room = FAILURE_TEXT_LIMIT - len(w.failure)
+        if room > 0:
+            w.failure += data[:room]
+
+    def _drain_pipe(self, w):
+        """Read what a dead worker wrote and the loop has not read yet (its traceback)."""
+        while w.fd is not None:
+            data = self.processes.read(w.fd)
+            if data is None:
+                return
+            self._take(w, data, self.clock())
+
+    def _replace_on_request(self, w):
+        """The worker asked to be replaced: a HUP's replacement, for it alone."""
+        if self._stopping or w.retiring or w.wants_replacing:
+            return
+        w.wants_replacing = True
+        self.stats.recycled("worker_request")
+        self.log.info("Worker %d asks to be replaced; forking its successor", w.pid)
+        if w.pid not in self._replace_queue:
+            self._replace_queue.append(w.pid)
 
     def _check_parent(self):
         if self.parent_pid is None or self._stopping:
@@ -600,7 +673,7 @@ class Supervisor:
 
     def _retire(self, w, why):
         w.retiring = True
-        w.retire_deadline = self.clock() + self.graceful_timeout
+        w.retire_deadline = self.clock() + self.graceful_timeout + KILL_MARGIN
         self.log.info("Stopping worker %d (%s)", w.pid, why)
         self.stats.retiring(stats.retirement_reason(why))
         self._kill(w.pid, self._graceful_signal())
@@ -657,6 +730,7 @@ class Supervisor:
             self.pids.remove(pid)
         except ValueError:
             pass
+        self._drain_pipe(w)
         if w.fd is not None:
             self.processes.close(w.fd)
             w.fd = None
@@ -667,7 +741,23 @@ class Supervisor:
         if self._stopping or w.retiring:
             self.log.info("Worker %d exited (%s)", pid, how)
             return
-        self.log.warning("Worker %d died (%s) after %.1fs; replacing it", pid, how, lifetime)
+        failure = bytes(w.failure or b"").decode("utf-8", "replace").rstrip()
+        if not w.ready and not w.killed and not self.served:
+            self._boot_failures += 1
+            if self._boot_failures >= BOOT_FAILURES_TO_HALT:
+                self._halt(pid, how, failure)
+                return
+        if failure and self.served and failure != self._last_failure:
+            # The same reason over and over is written once.
+            self.log.error("Worker %d failed before serving:\n%s", pid, failure)
+        self._last_failure = failure or self._last_failure
+        self.log.warning(
+            "Worker %d died (%s) after %.1fs%s; replacing it",
+            pid,
+            how,
+            lifetime,
+            ": " + failure.splitlines()[-1] if failure else "",
+        )
         if w.killed or (w.ready and lifetime >= QUICK_DEATH):
             self._quick_deaths = 0
             return
@@ -679,6 +769,33 @@ class Supervisor:
                 self._quick_deaths,
                 CRASH_LOOP_FORK_INTERVAL,
             )
+
+    def _halt(self, pid, how, failure):
+        """The pool's first workers all died before serving: close the port (a client is
+        refused rather than left waiting), say why once, stop."""
+        self.halted = "the first %d workers died before serving; the last one, %d, %s" % (
+            self._boot_failures,
+            pid,
+            how,
+        )
+        self.log.error(
+            "Halting the pool: %s.  %s",
+            self.halted,
+            "Its traceback:\n" + failure if failure else "It sent no traceback (see its output above).",
+        )
+        sock = self.target.socket
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._stopping = "fast"
+        self._replace_queue = []
+        self._rolling = None
+        self._stop_deadline = self.clock()
+        for w in list(self.workers.values()):
+            w.killed = True
+            self._kill(w.pid, signal.SIGKILL)
 
     def _murder(self):
         # Beats that arrived while this loop was busy (a long load_config() on HUP, say)
@@ -715,7 +832,7 @@ class Supervisor:
                 self.log.warning(
                     "Worker %d still running %ss after being asked to stop; killing it",
                     w.pid,
-                    self.graceful_timeout,
+                    self.graceful_timeout + KILL_MARGIN,
                 )
                 w.killed = True
                 self._kill(w.pid, signal.SIGKILL)
@@ -738,7 +855,11 @@ class Supervisor:
         self._stopping = "graceful" if graceful else "fast"
         self._replace_queue = []
         self._rolling = None
-        timeout = self.graceful_timeout if graceful else min(FAST_STOP_TIMEOUT, self.graceful_timeout)
+        timeout = (
+            self.graceful_timeout + KILL_MARGIN
+            if graceful
+            else min(FAST_STOP_TIMEOUT, self.graceful_timeout)
+        )
         self._stop_deadline = self.clock() + timeout
         sock = self.target.socket
         if graceful and sock is not None and sock.type == socket.SOCK_STREAM:

@@ -8,7 +8,7 @@ knows the supervisor running it only through :class:`IPool`.  The Spoon/Spork cl
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IPoolTarget", "IPool"]
+__all__ = ["IPoolTarget", "IPool", "IRequestCounting"]
 
 
 class IPoolTarget(Interface):
@@ -71,3 +71,23 @@ class IPool(Interface):
 
     def request_stop(graceful):
         """Stop the pool; from another thread, wait until it has stopped."""
+
+
+class IRequestCounting(Interface):
+    """A target that reports each request it serves, so that a pool worker can retire
+    after ``max_requests`` or once it outgrows ``max_worker_memory``
+    (:mod:`spoon.pool.retire`)."""
+
+    max_requests = Attribute("Requests a worker serves before it is replaced (0: no limit).")
+    max_requests_jitter = Attribute(
+        "Up to this many requests more, drawn per worker, so that workers started together "
+        "are not replaced together."
+    )
+    max_worker_memory = Attribute(
+        "Resident bytes beyond which a worker is replaced, checked between requests (0: no "
+        "limit)."
+    )
+
+    def watch_requests(observer):
+        """Call ``observer(exc)`` once each request this process serves has ended: ``exc``
+        is the exception that escaped its handler, or None."""

@@ -13,12 +13,15 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 from spoon import linux
 from spoon.pool.hooks import call_hook
 from spoon.pool.proctitle import set_title, worker_title
 from spoon.pool.stats import COUNTERS
 from spoon.pool.reactor import install_reactor_module, renew_inherited_reactor
+from spoon.pool.retire import RetirePolicy
+from spoon.pool.target import IRequestCounting
 
 __all__ = [
     "Heartbeat",
@@ -52,9 +55,22 @@ SUPERVISOR_SIGNALS = (
 DUMP_SIGNAL = signal.SIGRTMIN + 1
 
 #: Modules every worker needs; imported once in the supervisor so that the workers share
-#: them copy-on-write.  None of them installs a reactor.
+#: them copy-on-write, and so that a worker forked after a user switch imports nothing it
+#: might no longer be allowed to read.  None of them installs a reactor.
 PRELOAD = (
     "twisted.internet.default",
+    "twisted.internet.base",
+    "twisted.internet.abstract",
+    "twisted.internet.error",
+    "twisted.internet.protocol",
+    "twisted.python.failure",
+    "twisted.python.log",
+    "twisted.protocols.policies",
+    "greenlet",
+    "spoon.transport",
+    "spoon.greenio",
+    "spoon.lifecycle",
+    "spoon.errorlog",
     "twisted.internet.epollreactor",
     "twisted.internet.posixbase",
     "twisted.internet.tcp",
@@ -106,6 +122,10 @@ class Heartbeat:
 
     READY = b"R"
     BEAT = b"."
+    #: "Replace me": the worker wants to retire (see :mod:`spoon.pool.retire`).
+    REPLACE_ME = b"X"
+    #: Followed by the traceback of a worker that failed (its last words on the pipe).
+    FAILED = b"F"
 
     def __init__(self, fd, interval, master_pid, on_orphaned):
         self.fd = fd
@@ -126,6 +146,25 @@ class Heartbeat:
     def stop(self):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+
+    @property
+    def served(self):
+        """Whether this worker said it serves."""
+        return not self._first
+
+    def ask_replacement(self):
+        self._send(self.REPLACE_ME)
+
+    def report_failure(self, text):
+        """Send the supervisor the traceback of this failing worker; False if it cannot
+        be sent (then the worker logs it itself)."""
+        return self._send(self.FAILED + text.encode("utf-8", "replace")[:16000])
+
+    def _send(self, data):
+        try:
+            return os.write(self.fd, data) == len(data)
+        except OSError:
+            return False
 
     def beat(self):
         if os.getppid() != self.master_pid:
@@ -157,16 +196,16 @@ def run_worker(
     publishes its counters at each heartbeat (:class:`spoon.pool.stats.CounterBlock`).
     Never returns."""
     code = 1
+    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, None)
     try:
-        code = _serve(
-            target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module,
-            counter_block,
-        )
+        code = _serve(target, heartbeat, number, reactor_module, counter_block)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         try:
-            log.exception("Worker %d failed", os.getpid())
+            # Before serving, the supervisor says why (once, however many workers fail).
+            if heartbeat.served or not heartbeat.report_failure(traceback.format_exc()):
+                log.exception("Worker %d failed", os.getpid())
         except BaseException:
             pass
     finally:
@@ -189,8 +228,7 @@ def _install(handlers):
         signal.signal(signum, handler)
 
 
-def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor_module,
-           counter_block=None):
+def _serve(target, heartbeat, number, reactor_module, counter_block=None):
     from spoon.logs import bridge_twisted_to_stdlib
     from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -206,7 +244,7 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
         pass  # no usable stderr: the supervisor's log line is all there will be
     # A worker never outlives its supervisor, even one killed by SIGKILL.
     linux.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != master_pid:
+    if os.getppid() != heartbeat.master_pid:
         return 1  # the supervisor died before the line above
 
     renew_inherited_reactor()
@@ -222,7 +260,9 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
         reactor.callLater(1.0, os._exit, 1)
         target.begin_stop(False)
 
-    heartbeat = Heartbeat(heartbeat_fd, heartbeat_interval, master_pid, orphaned)
+    heartbeat.on_orphaned = orphaned
+    if IRequestCounting.providedBy(target):
+        RetirePolicy.of(target, heartbeat.ask_replacement).watch(target)
     serve_shared(target, reactor)
     handlers = target.signal_handlers()
     _install(handlers)
@@ -230,7 +270,7 @@ def _serve(target, heartbeat_fd, master_pid, heartbeat_interval, number, reactor
     # handlers are in place, whatever arrived meanwhile reaches them.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
     reactor.callWhenRunning(heartbeat.start, reactor)
-    reactor.callWhenRunning(_publish_counters, reactor, counter_block, heartbeat_interval)
+    reactor.callWhenRunning(_publish_counters, reactor, counter_block, heartbeat.interval)
     # reactor.run() installs Twisted's own SIGINT/SIGTERM handlers: the target's win.
     reactor.callWhenRunning(_install, handlers)
     mark_ran(reactor)
