@@ -85,12 +85,29 @@ PRELOAD = (
 
 
 def preload(extra=()):
-    """Import :data:`PRELOAD` and ``extra`` (those that exist), before forking."""
-    for name in PRELOAD + tuple(extra):
+    """Import :data:`PRELOAD`, every module of spoon and ``extra`` (those that exist),
+    before forking, and before a switch of user: once the process runs as another user
+    the interpreter's and the checkout's files may be out of its reach, so whatever the
+    supervisor or a worker imports later (metrics, the pid file, the PROXY protocol...)
+    must already be there.  None of them installs a reactor."""
+    for name in PRELOAD + spoon_modules() + tuple(extra):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+def spoon_modules():
+    """The names of every module of the spoon package (not the ``__main__`` entries)."""
+    import pkgutil
+
+    import spoon
+
+    return tuple(
+        m.name
+        for m in pkgutil.walk_packages(spoon.__path__, "spoon.")
+        if not m.name.endswith("__main__")
+    )
 
 
 def flush_logs(logger=None):
