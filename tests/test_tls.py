@@ -262,3 +262,33 @@ def _connects(port):
         return True
     except OSError:
         return False
+
+
+def test_an_ssl_endpoint_is_a_tcp_socket_with_its_tls_settings():
+    from spoon.net import parse_socket_endpoint
+
+    spec = parse_socket_endpoint("ssl:8443:k.pem:interface=\\:\\:1:certKey=c.pem:caCertsDir=cas:backlog=7")
+    assert (spec.kind, spec.host, spec.port, spec.backlog) == ("tcp", "::1", 8443, 7)
+    assert spec.tls == {"privateKey": "k.pem", "certKey": "c.pem", "caCertsDir": "cas"}
+    assert parse_socket_endpoint("tcp:8443").tls is None
+
+
+@pytest.mark.parametrize("description, error", [
+    ("ssl:443", "needs privateKey"),
+    ("ssl:443:k.pem:c.pem:TLSv1_2_METHOD", "does not support sslmethod"),
+    ("ssl:443:privateKey=k.pem:verify=yes", "unknown option"),
+])
+def test_ssl_endpoints_spoon_cannot_serve_are_refused_with_the_reason(description, error):
+    from spoon.net import parse_socket_endpoint
+
+    with pytest.raises(ValueError, match=error):
+        parse_socket_endpoint(description)
+
+
+def test_tls_settings_cross_the_supervisor_command_line_unchanged():
+    from spoon import tls
+
+    settings = {"privateKey": "/a/k=1.pem", "certKey": "/a/c.pem", "caCertsDir": "/a/cas"}
+    args = tls.to_arguments(settings)
+    assert set(args[0::2]) == {"--tls"}
+    assert tls.from_arguments(args[1::2]) == settings
