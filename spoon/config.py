@@ -278,8 +278,10 @@ SETTINGS = (
         "endpoint", _endpoints,
         "Twisted server endpoint string to listen on, e.g. tcp:8080:interface=127.0.0.1 "
         "(repeatable; replaces --port/--interface given at the same or a lower priority). "
-        "With --spork N > 1: tcp:, tcp6:, udp:, unix: and systemd: endpoints (a socket "
-        "that is bound once and handed to the workers); udp: is for UDP servers.",
+        "With --spork N > 1: tcp:, tcp6:, udp:, unix:, ssl: and systemd: endpoints (a "
+        "socket that is bound once and handed to the workers; ssl: takes privateKey=, "
+        "certKey=, extraCertChain=, dhParameters= and caCertsDir=, the directory of the CAs "
+        "that sign the client certificates it then requires); udp: is for UDP servers.",
         flags=("-e", "--endpoint"), metavar="ENDPOINT", entry_points=("twistd", "daemon"),
         repeatable=True,
     ),
@@ -816,7 +818,7 @@ def _validate(config):
             continue
         if spec is None and config.entry_point == "daemon":
             errors.append(
-                "%s: the spoon command serves tcp:, tcp6:, udp:, unix: and systemd: endpoints "
+                "%s: the spoon command serves tcp:, tcp6:, udp:, unix:, ssl: and systemd: endpoints "
                 "(twistd spoon serves any kind)" % where
             )
             continue
@@ -829,7 +831,7 @@ def _validate(config):
             continue
         if spec is None and workers > 1:
             errors.append(
-                "%s cannot be pre-forked: with %d workers only tcp:, tcp6:, udp:, unix: and "
+                "%s cannot be pre-forked: with %d workers only tcp:, tcp6:, udp:, unix:, ssl: and "
                 "systemd: endpoints name a socket that can be bound and handed to the workers "
                 "(use --spork 1 to serve it in one process)" % (where, workers)
             )

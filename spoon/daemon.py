@@ -539,7 +539,9 @@ def _build(klass, description):
     it."""
     spec = parse_socket_endpoint(description)
     if spec.kind in ("tcp", "udp"):
-        return klass((spec.host, spec.port))
+        server = klass((spec.host, spec.port))
+        server.tls = spec.tls  # ssl:...: every process wraps its factory (spoon.tls)
+        return server
     sock = bind_socket(spec, **socket_options(klass))
     try:
         return targets.pool_target(sock, klass)

@@ -18,12 +18,13 @@ import socket
 
 import greenlet
 from twisted.internet import error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from spoon.lifecycle import IdleWaiters, IDrainable, NothingToDrain
+from spoon.peercert import peer_certificate
 from spoon.pool.stats import COUNTERS
 from spoon.transport import IDeliversWaitingInput
 
@@ -578,6 +579,19 @@ class GreenSocket:
 
     def getpeername(self):
         return self._proto.client_address
+
+    def getpeercert(self, binary_form=False):
+        """The client's certificate on a TLS connection, as ``ssl.SSLSocket.getpeercert()``
+        gives it (so handlers written for ``ssl``-wrapped sockets run unchanged): a dict with
+        ``subject``, ``issuer``, ``serialNumber``, ``notBefore``, ``notAfter`` and
+        ``version`` (and ``subjectAltName`` when the certificate has DNS names), or the DER
+        bytes with ``binary_form=True``.  ``None`` on a plain connection or when the client
+        sent no certificate.  Unlike ``ssl``, the dict is given even when the certificate was
+        not verified; verification is the listening endpoint's business."""
+        transport = self._proto.transport
+        if not ISSLTransport.providedBy(transport):
+            return None
+        return peer_certificate(transport.getPeerCertificate(), binary_form)
 
     def getsockname(self):
         host = self._proto.transport.getHost()

@@ -3,7 +3,8 @@
 A pre-forked pool needs its listening socket bound by the parent (before privileges are
 dropped) and handed down as a descriptor, so it serves the endpoint types that are a plain
 socket: ``tcp``, ``tcp6``, ``udp``, ``udp6``, ``unix`` (a UNIX stream socket: bound once,
-shared like a TCP one) and ``systemd`` (a socket systemd bound and passed:
+shared like a TCP one), ``ssl`` (a TCP socket whose every process speaks TLS, see
+:mod:`spoon.tls`) and ``systemd`` (a socket systemd bound and passed:
 ``LISTEN_FDS``/``LISTEN_PID``).  Their descriptions are parsed here with the same syntax
 as Twisted's ``serverFromString``.
 """
@@ -16,7 +17,7 @@ import stat
 __all__ = ["SocketSpec", "parse_socket_endpoint", "bind_socket", "format_address", "socket_options"]
 
 #: Twisted endpoint types that name a plain socket this module can bind (and hand down).
-SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6", "unix", "systemd")
+SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6", "unix", "ssl", "systemd")
 
 #: Keywords (and positional order) of each endpoint type, as Twisted names them.
 _ARGUMENTS = {
@@ -24,6 +25,9 @@ _ARGUMENTS = {
     "udp": ("port", "interface", "backlog"),
     "unix": ("address", "mode", "backlog", "lockfile", "wantPID"),
     "systemd": ("domain", "index", "name"),
+    # Twisted's order for the positional ones; sslmethod is refused (spoon.tls).
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog", "extraCertChain",
+            "dhParameters", "caCertsDir"),
 }
 
 
@@ -33,7 +37,8 @@ class SocketSpec:
     UNIX socket), ``port`` (None for "unix" and "systemd"), ``backlog`` (None: the server
     class decides), ``mode`` (a UNIX socket's permissions), ``index`` (which of the
     sockets systemd passed); ``proxy``: connections start with a PROXY protocol header
-    (a "haproxy:tcp:..." endpoint)."""
+    (a "haproxy:tcp:..." endpoint); ``tls``: the TLS settings of an "ssl:..." endpoint
+    (a TCP socket; :mod:`spoon.tls`), None for plain TCP."""
 
     kind: str
     host: object
@@ -42,14 +47,15 @@ class SocketSpec:
     mode: object = None
     index: object = None
     proxy: bool = False
+    tls: object = None
 
     @property
     def datagram(self):
         return self.kind == "udp"
 
     def __repr__(self):
-        return "SocketSpec(%r, %r, %r, backlog=%r, proxy=%r)" % (
-            self.kind, self.host, self.port, self.backlog, self.proxy
+        return "SocketSpec(%r, %r, %r, backlog=%r, proxy=%r, tls=%r)" % (
+            self.kind, self.host, self.port, self.backlog, self.proxy, self.tls
         )
 
 
@@ -72,7 +78,7 @@ def _split_description(description):
 
 
 def parse_socket_endpoint(description):
-    """A :class:`SocketSpec` for "tcp:", "tcp6:", "udp:", "unix:" and "systemd:" endpoint
+    """A :class:`SocketSpec` for "tcp:", "tcp6:", "udp:", "unix:", "ssl:" and "systemd:" endpoint
     strings (the ones that name a socket this process can bind or adopt and hand to a
     supervisor); None for any other type.
 
@@ -139,9 +145,15 @@ def parse_socket_endpoint(description):
         port = int(keywords["port"])
     except (KeyError, ValueError):
         raise ValueError("endpoint %r needs a numeric port" % description) from None
+    tls = None
+    if kind == "ssl":
+        from spoon import tls as tls_settings
+
+        settings = {key: keywords[key] for key in keywords if key not in ("port", "interface", "backlog")}
+        kind, tls = "tcp", tls_settings.check_settings(settings, description)
     default_host = "::" if description.strip().lower().split(":")[0].endswith("6") else "0.0.0.0"
     host = keywords.get("interface") or default_host
-    return SocketSpec(kind, host, port, backlog)
+    return SocketSpec(kind, host, port, backlog, tls=tls)
 
 
 def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):

@@ -24,7 +24,7 @@ import time
 from twisted.internet import defer
 from zope.interface import implementer
 
-from spoon import errorlog, greenio, lifecycle, listener, proxy
+from spoon import errorlog, greenio, lifecycle, listener, proxy, tls
 from spoon.pool.hooks import IPoolHooks
 from spoon.pool.stats import COUNTERS
 from spoon.pool.target import IPoolTarget, IRequestCounting
@@ -409,15 +409,20 @@ class _SpoonMixIn:
         )
 
     def _listen(self, reactor):
-        """Serve this server's bound socket in ``reactor``, on spoon's lean transport."""
+        """Serve this server's bound socket in ``reactor``, on spoon's lean transport, or
+        with :attr:`tls` set on Twisted's TCP transport under its TLS layer."""
         self._factory = self.protocol_factory(reactor)
-        # One process: accept at once; a pool worker serves with shared=True (one by one).
+        serve = listener.serve_gulp(self._factory, reactor)
+        if self.tls:
+            wrapped = tls.wrap_factory(self._factory, self.tls)
+
+            def serve(conn, peer):
+                listener.serve_twisted(conn, peer, wrapped, reactor)
+
+        # One process: accept at once; a pool worker serves with shared=True (one by one);
+        # the port reads the Gulp factory's open connections for its accept policy.
         self._port = listener.listen_one_by_one(
-            self.socket,
-            self._factory,
-            reactor,
-            listener.serve_gulp(self._factory, reactor),
-            shared=self._accept_shared,
+            self.socket, self._factory, reactor, serve, shared=self._accept_shared
         )
 
     # -- serving --------------------------------------------------------------------------
@@ -603,6 +608,9 @@ class _SpoonMixIn:
 
     #: Seconds without a heartbeat before a pool kills a worker (None: the pool's default).
     worker_timeout = None
+    #: The TLS settings of the ssl: endpoint this server serves (:mod:`spoon.tls`); set by
+    #: whoever binds that endpoint (the pool's command line, the spoon command); None: plain.
+    tls = None
     #: A pool worker is replaced after this many requests (0: never; spoon.pool.retire),
     #: plus up to ``max_requests_jitter`` more, drawn per worker...
     max_requests = 0

@@ -36,7 +36,7 @@ from spoon.net import (
     parse_socket_endpoint,
     socket_options,
 )
-from spoon import logs
+from spoon import logs, tls
 from spoon.lifecycle import GracefulStop
 from spoon.linux import process_ids, process_stat
 from spoon.reactors import given_or_global
@@ -288,7 +288,7 @@ class PreforkService(service.Service):
             spec = parse_socket_endpoint(endpoint)
             if spec is None:
                 raise ValueError(
-                    "endpoint %r cannot be pre-forked: only tcp:, tcp6:, udp:, unix: and "
+                    "endpoint %r cannot be pre-forked: only tcp:, tcp6:, udp:, unix:, ssl: and "
                     "systemd: endpoints name a socket that can be bound here and handed to "
                     "the workers" % endpoint
                 )
@@ -343,6 +343,8 @@ class PreforkService(service.Service):
             args.append("--udp")
         if self.spec.proxy:
             args.append("--proxy-protocol")
+        if self.spec.tls:
+            args += tls.to_arguments(self.spec.tls)
         reactor_name = self.reactor_name
         if reactor_name:
             args += ["--reactor", reactor_name]
@@ -642,6 +644,9 @@ class ServeService(service.Service):
                         factory = self.server.protocol_factory(reactor, proxy_protocol=True)
                         self.protocols.append(factory)
                         port = self._listen_stream(sock, factory)
+                    elif spec.tls:
+                        # ssl:...: Twisted's TCP transport under its TLS layer.
+                        port = self._listen_stream(sock, tls.wrap_factory(self.factory, spec.tls))
                     else:
                         port = self._listen_stream(sock)
                 finally:

@@ -152,7 +152,7 @@ def test_print_config_names_each_source():
         ({"endpoint": ["tcp:99999"]}, {}, "--endpoint 'tcp:99999' (option --endpoint): the port must be between 0 and 65535, not 99999"),
         ({"endpoint": ["tcp:port"]}, {}, "needs a numeric port"),
         ({"endpoint": ["udp:0"]}, {}, "is a TCP server"),
-        ({"endpoint": ["ssl:0"]}, {}, "cannot be pre-forked"),
+        ({"endpoint": ["tls:0"]}, {}, "cannot be pre-forked"),
     ],
 )
 def test_each_bad_value_is_one_line_naming_its_source(options, environ, message):
@@ -296,10 +296,10 @@ def test_the_spoon_command_refuses_what_only_twistd_serves_one_line_each():
     c = build({"server": SPORK, "endpoint": ["tcp:1", "tcp:2"]}, {}, entry_point="daemon")
     assert c.errors == ["--endpoint (option --endpoint): the spoon command serves one "
                         "endpoint, not 2 (twistd spoon serves several)"]
-    c = build({"server": SPORK, "endpoint": ["ssl:0"], "workers": "1"}, {},
+    c = build({"server": SPORK, "endpoint": ["tls:0"], "workers": "1"}, {},
               entry_point="daemon")
-    assert c.errors == ["--endpoint 'ssl:0' (option --endpoint): the spoon command "
-                        "serves tcp:, tcp6:, udp:, unix: and systemd: endpoints (twistd spoon "
+    assert c.errors == ["--endpoint 'tls:0' (option --endpoint): the spoon command "
+                        "serves tcp:, tcp6:, udp:, unix:, ssl: and systemd: endpoints (twistd spoon "
                         "serves any kind)"]
 
 

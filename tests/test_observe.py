@@ -294,3 +294,55 @@ def test_status_reads_a_twistd_pool_through_twistds_pid_file(tmp_path):
             except ProcessLookupError:
                 pass
         wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=10, what="twistd gone")
+
+
+RECYCLING = """
+import os, sys
+sys.path[:0] = [%r]
+import spoon.server
+
+class Pid(spoon.server.Gulp):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%%d\\n" %% os.getpid())
+
+class Recycling(spoon.server.TCPSpork):
+    handler_klass = Pid
+    prefork = 2
+    max_requests = 20
+
+server = Recycling(("127.0.0.1", 0))
+print("READY", server.server_address[1], os.getpid(), flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_recycle_shows_in_the_metrics_and_the_status(server_process, tmp_path):
+    from support import ROOT
+    from spoon.metrics import read_status
+
+    status_file = str(tmp_path / "pool.status")
+    proc = server_process(RECYCLING % ROOT, env={
+        "SPOON_METRICS": "tcp:0:interface=127.0.0.1", "SPOON_STATUS_FILE": status_file,
+    })
+    address = wait_for(
+        lambda: (read_status(status_file) or {}).get("supervisor", {}).get("metrics"),
+        timeout=10, what="the status file",
+    )
+    first = set(children_of(proc.pid))
+    served_by = set()
+    for _ in range(120):  # 20 requests a worker before it asks to be replaced
+        served_by.add(int(request(("127.0.0.1", proc.port), b"x\n")))
+
+    def recycled():
+        m = scrape(address)
+        recycles = m.get(("spoon_worker_recycles_total", ("reason", "worker_request")), 0)
+        status = read_status(status_file) or {}
+        now = {w["pid"] for w in status.get("workers", [])}
+        return recycles >= 2 and len(now) == 2 and not (now & first) and (m, status)
+
+    samples, status = wait_for(recycled, timeout=30, what="recycled workers in the metrics")
+    assert served_by - first  # the successors served
+    assert all(not pid_alive(p) for p in first)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0

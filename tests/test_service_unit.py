@@ -39,7 +39,7 @@ def test_parse_socket_endpoints(description, expected):
     assert (spec.kind, spec.host, spec.port, spec.backlog) == expected
 
 
-@pytest.mark.parametrize("description", ["ssl:443", "tls:443", "ssh:22"])
+@pytest.mark.parametrize("description", ["onion:443", "tls:443", "ssh:22"])
 def test_other_endpoints_are_not_socket_endpoints(description):
     assert parse_socket_endpoint(description) is None
 
@@ -99,7 +99,7 @@ def test_prefork_service_rejects_non_server_classes_and_wrong_endpoints():
     with pytest.raises(TargetError, match="not a spoon server class"):
         PreforkService("socket.socket")
     with pytest.raises(ValueError, match="cannot be pre-forked"):
-        PreforkService("spoon.examples.EchoServer", "ssl:0")
+        PreforkService("spoon.examples.EchoServer", "tls:0")
     with pytest.raises(ValueError, match="TCP server but the endpoint is UDP"):
         PreforkService("spoon.examples.EchoServer", "udp:0")
 

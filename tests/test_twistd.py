@@ -248,7 +248,7 @@ def test_twistd_help_lists_spoon_and_every_option():
         (["--server", "no_such_module_q.Server"], "cannot import 'no_such_module_q.Server'"),
         (["--server", "test_service_apps.Missing"], "'test_service_apps.Missing'"),
         (["--server", "test_service_apps.NotAServer"], "'test_service_apps.NotAServer' is not a spoon server class"),
-        (["--server", "test_service_apps.GenerationSpork", "-e", "ssl:0"], "cannot be pre-forked"),
+        (["--server", "test_service_apps.GenerationSpork", "-e", "tls:0"], "cannot be pre-forked"),
         (["--server", "test_service_apps.GenerationSpork", "-e", "udp:0"], "is a TCP server"),
         (["--server", "test_service_apps.UDPGenerationSpork", "-e", "tcp:0"], "is a UDP server"),
     ],

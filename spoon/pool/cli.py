@@ -10,7 +10,7 @@ import os
 import signal
 import socket
 
-from spoon import config, linux, logs
+from spoon import config, linux, logs, tls
 from spoon.pool import worker
 from spoon.pool.reactor import CannotFork, check_reactor_choice
 from spoon.pool.supervisor import Supervisor
@@ -35,6 +35,13 @@ def _parser():
         action="store_true",
         help="connections start with a PROXY protocol header (a haproxy:tcp: endpoint); "
         "a spoon stream server class only",
+    )
+    p.add_argument(
+        "--tls",
+        action="append",
+        metavar="KEYWORD=VALUE",
+        help="serve TLS with this setting of an ssl: endpoint (privateKey=, certKey=, "
+        "extraCertChain=, dhParameters=, caCertsDir=); repeated; a spoon stream server class only",
     )
     return p
 
@@ -164,6 +171,16 @@ def main(argv=None):
             log.error("%s: the PROXY protocol needs a spoon stream server class", args.target)
             return 2
         server.proxy_protocol = True
+    if args.tls:
+        if not hasattr(server, "tls") or args.udp:
+            log.error("%s: TLS needs a spoon stream server class", args.target)
+            return 2
+        try:
+            server.tls = tls.from_arguments(args.tls)
+            tls.certificate_options(server.tls)  # a missing or bad file fails here, not per worker
+        except Exception as e:
+            log.error("Cannot serve TLS: %s", e)
+            return 2
     supervisor = Supervisor(
         server,
         workers=_given(cfg, "workers"),
