@@ -189,18 +189,12 @@ class WorkerRecord:
     )
 
     def __init__(self, pid, fd, now, number=1):
-        self.pid = pid
-        self.number = number
-        self.fd = fd
-        self.born = now
-        self.last_beat = now
-        self.ready = False
-        self.retiring = False
+        self.pid, self.number, self.fd = pid, number, fd
+        self.born = self.last_beat = now
+        self.ready = self.retiring = self.killed = self.wants_replacing = False
         self.retire_deadline = None
-        self.killed = False
         self.dumped_at = None  # when its tracebacks were asked for (its heartbeat late)
         self.failure = None  # bytearray: the traceback it sent before dying
-        self.wants_replacing = False
 
 
 @implementer(IPool)
