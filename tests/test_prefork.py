@@ -206,6 +206,8 @@ def test_workers_serve_and_pids_lists_them(server_process):
     assert master not in seen
     # In a worker, pids is None.
     assert ask(proc.port)[2] is True
+    # The script's thread prints the supervisor's pids once it lists every worker.
+    wait_for(lambda: any(l.startswith("PIDS ") for l in proc.lines_so_far()), what="the PIDS line")
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     out = proc.read_output()

@@ -81,6 +81,13 @@ PRELOAD = (
     "spoon.listener",
     "spoon.reactors",
     "spoon.logs",
+    # Optional, imported only when used, and so after a user switch unless here: process
+    # titles, the Prometheus endpoint, TLS.
+    "setproctitle",
+    "prometheus_client",
+    "prometheus_client.exposition",
+    "twisted.internet.ssl",
+    "twisted.protocols.tls",
 )
 
 
