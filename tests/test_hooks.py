@@ -106,6 +106,10 @@ def test_each_hook_runs_in_the_process_it_promises(server_process, tmp_path):
 
     wait_for(lambda: len(children_of(proc.pid)) == 2, what="the replacement")
     survivors = set(children_of(proc.pid))
+    # Stop only once the replacement serves (its reactor runs its handlers): a worker
+    # stopped while it starts up has no worker_exit to run.
+    wait_for(lambda: all(any("Worker %d serving" % pid in line for line in proc.lines_so_far())
+                         for pid in survivors), timeout=15, what="the replacement serving")
     proc.signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
     proc.read_output()
