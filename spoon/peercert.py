@@ -46,7 +46,7 @@ def peer_certificate(x509, binary_form=False):
         "subject": _name(cert.subject),
         "issuer": _name(cert.issuer),
         "version": cert.version.value + 1,
-        "serialNumber": "%X" % cert.serial_number,
+        "serialNumber": _serial_text(cert.serial_number),
         "notBefore": cert.not_valid_before_utc.strftime(SSL_DATE),
         "notAfter": cert.not_valid_after_utc.strftime(SSL_DATE),
     }
@@ -56,3 +56,10 @@ def peer_certificate(x509, binary_form=False):
         return info
     info["subjectAltName"] = tuple(("DNS", dns) for dns in names.get_values_for_type(cx509.DNSName))
     return info
+
+
+def _serial_text(serial):
+    """The serial number as the ssl module writes it: upper-case hex, whole bytes (a
+    leading 0 when the hex has an odd number of digits)."""
+    text = "%X" % serial
+    return "0" + text if len(text) % 2 else text
