@@ -249,6 +249,12 @@ server.serve_forever()
 """
 
 
+@pytest.mark.xfail(
+    sys.version_info >= (3, 12),
+    reason="known bug, open in issue 9: on Python 3.12 a pool whose supervisor imported "
+    "twisted.internet.reactor before forking does not serve (found at the end of a stop)",
+    strict=False,
+)
 def test_reactor_imported_before_forking_each_worker_gets_its_own(server_process):
     proc = server_process(REACTOR_IMPORTED)
     wait_for(lambda: len(children_of(proc.pid)) == 2, timeout=15)
