@@ -8,7 +8,10 @@ import os
 import signal
 import socket
 import threading
+import sys
 import time
+
+import pytest
 
 
 from support import children_of, pid_alive, pss_kib, recv_all, wait_for
