@@ -21,6 +21,10 @@ What this version adds, and why:
   given again: a restart keeps the log file, port, workers... of the running instance.
 - ``stop`` and ``restart`` wait (bounded) for the old process to exit; the original's
   ``restart`` raced the old process, and its ``start`` without ``-s`` crashed.
+- ``upgrade`` deploys new code without refusing a connection (a pool only): USR2 makes
+  the daemon start a new generation of itself on the same socket (see
+  :mod:`spoon.pool.upgrade`); the command returns 0 once the new one holds the pid file,
+  1 when the old one reports that the new one failed (and keeps serving).
 """
 
 import argparse
@@ -32,6 +36,7 @@ import sys
 import time
 
 from spoon import config, logs, targets
+from spoon.pool import upgrade
 from spoon.net import bind_socket, format_address, parse_socket_endpoint, socket_options
 from spoon.pidfile import (
     Instance,
@@ -188,9 +193,15 @@ def detach(stdout="/dev/null", stderr=None, stdin="/dev/null", pidfile=None, log
 def _serve(server, pidfile, daemonize, after_detach=None, serve=None, record=None):
     # Taken now: the daemon changes directory to "/".
     pidfile = os.path.abspath(pidfile) if pidfile else None
+    # A new generation of a code upgrade takes the pid file over only once it serves (the
+    # old generation holds it until then, and keeps it if this one fails).
+    takes_over = pidfile and upgrade.is_successor()
+    if takes_over:
+        upgrade.when_ready(lambda: write_pidfile(pidfile, record=record))
     if daemonize:
-        detach(pidfile=pidfile, logger=getattr(server, "log", None), record=record)
-    elif pidfile:
+        detach(pidfile=None if takes_over else pidfile, logger=getattr(server, "log", None),
+               record=record)
+    elif pidfile and not takes_over:
         write_pidfile(pidfile, record=record)
     owner = os.getpid()
     try:
@@ -463,7 +474,7 @@ def _parser(prog):
     )
     config.add_arguments(parser, "daemon")
     parser.add_argument("command", nargs="?",
-                        choices=["start", "stop", "reload", "restart", "status"])
+                        choices=["start", "stop", "reload", "restart", "status", "upgrade"])
     parser.add_argument(
         "-D", "--no-daemon", action="store_true", help="stay in the foreground"
     )
@@ -572,14 +583,14 @@ def _start(cfg, daemonize):
     handlers = logs.configure(cfg, stream=sys.stderr, stream_level=_stream_level(cfg, daemonize),
                               sentry=False)
     terminal = handlers[-1]
-    if cfg.pid_file:
+    if cfg.pid_file and not _upgrading_from(cfg.pid_file):
         check_pidfile(cfg.pid_file)
     nice = cfg.nice
     if nice is None and daemonize:
         # A daemon is reniced by default, as in 1.0.x; a foreground process (systemd,
         # Docker) is left at the priority its manager gave it unless -n says otherwise.
         nice = DEFAULT_NICE
-    if nice:
+    if nice and not upgrade.is_successor():  # a new generation inherits the old one's
         os.nice(nice)
     klass = cfg.server_class
     workers = cfg.workers
@@ -630,6 +641,59 @@ def _start(cfg, daemonize):
     return 0
 
 
+def _upgrading_from(pid_file):
+    """True in the new generation of an upgrade whose pid file names the old one."""
+    origin = upgrade.origin()
+    if origin is None:
+        return False
+    try:
+        return read_pidfile(pid_file) == origin
+    except PidFileError:
+        return False
+
+
+def _upgrade_cli(pid_file, klass, timeout, out):
+    """``upgrade``: USR2 to the daemon, then wait until a new generation holds the pid file
+    (0) or the old one reports that the new one failed (1)."""
+    logger = _cli_logger(out)
+    try:
+        instance = inspect_pidfile(pid_file)
+    except PidFileError as e:
+        logger.error("%s", e)
+        return 1
+    if not instance.running:
+        _refuse(instance, logger)
+        return 1
+    asked_at = time.time()
+    pid = _send(instance, signal.SIGUSR2, logger)
+    if pid is None:
+        return 1
+    logger.info("Sent SIGUSR2 to process %d (upgrade)", pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Looked at before the pid file: the old process exits right after the new one
+        # took the file over.
+        old_alive = process_alive(pid)
+        try:
+            now = inspect_pidfile(pid_file)
+        except PidFileError:
+            now = None
+        if now is not None and now.running and now.pid != pid:
+            logger.info("Upgraded: process %d serves; process %d stops gracefully", now.pid, pid)
+            return 0
+        result = upgrade.read_result(pid_file)
+        if result and result.get("result") == "failed" and result.get("time", 0) >= asked_at:
+            logger.error("Upgrade failed: %s; process %d keeps serving", result.get("reason"), pid)
+            return 1
+        if not old_alive:
+            logger.error("Process %d exited during the upgrade", pid)
+            return 1
+        time.sleep(0.1)
+    logger.error("No new generation took over within %ss; process %d keeps serving (see its log)",
+                 timeout, pid)
+    return 1
+
+
 #: The ``nice`` increment of a daemon when none is set (1.0.x's).
 DEFAULT_NICE = 10
 
@@ -660,11 +724,25 @@ def _settings(args, parser):
 
 def main(argv=None):
     """The ``spoon`` / ``python -m spoon.daemon`` command line; returns the exit status."""
+    if not upgrade.is_successor():
+        return _main(argv, sys.stderr)
+    # The new generation of an upgrade: why it could not start goes to the old one too.
+    out = upgrade.FailureTee(sys.stderr)
+    try:
+        status = _main(argv, out)
+    except BaseException as e:
+        upgrade.announce_failure("%s: %s" % (type(e).__name__, e))
+        raise
+    if status:
+        out.announce()
+    return status
+
+
+def _main(argv, out):
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = _program_name()
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    out = sys.stderr
     cfg = _settings(args, parser)
     status = config.check_and_print(cfg)
     if status is not None:
@@ -697,6 +775,8 @@ def main(argv=None):
             return 0
         if args.command == "stop":
             return _stop_cli(cfg.pid_file, stop_timeout, klass, out)
+        if args.command == "upgrade":
+            return _upgrade_cli(cfg.pid_file, klass, upgrade.UPGRADE_TIMEOUT + 10.0, out)
         if args.command == "restart":
             status = _stop_cli(cfg.pid_file, stop_timeout, klass, out, restarting=True)
             if status:

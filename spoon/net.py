@@ -14,6 +14,8 @@ import os
 import socket
 import stat
 
+from spoon.pool import upgrade
+
 __all__ = ["SocketSpec", "parse_socket_endpoint", "bind_socket", "format_address", "socket_options"]
 
 #: Twisted endpoint types that name a plain socket this module can bind (and hand down).
@@ -160,11 +162,21 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
     """Bind (and for TCP, listen on) the socket ``spec`` describes, as a spoon server would:
     IPv6 when the host contains ":", dual-stack unless ``ipv6_only``; a UNIX socket at its
     path; for "systemd", a duplicate of the socket systemd passed."""
-    if spec.kind == "unix":
-        return _bind_unix(spec, backlog)
     if spec.kind == "systemd":
         return _adopt_systemd(spec)
-    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    family = socket.AF_UNIX if spec.kind == "unix" else (
+        socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    )
+    kind = socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM
+    # A new generation of an upgrade serves the socket the old one listens on.
+    inherited = upgrade.take_inherited_socket(
+        family, kind, spec.host if family == socket.AF_UNIX else (spec.host, spec.port)
+    )
+    if inherited is not None:
+        inherited.setblocking(False)
+        return inherited
+    if spec.kind == "unix":
+        return _bind_unix(spec, backlog)
     sock = socket.socket(family, socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM)
     try:
         if reuse_address:

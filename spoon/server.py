@@ -28,6 +28,7 @@ from spoon import errorlog, greenio, lifecycle, listener, proxy, tls
 from spoon.pool.hooks import IPoolHooks
 from spoon.pool.stats import COUNTERS
 from spoon.pool.target import IPoolTarget, IRequestCounting
+from spoon.pool import upgrade
 from spoon.logs import bridge_twisted_to_stdlib
 from spoon.reactors import mark_ran, reactor_for_serving
 
@@ -269,6 +270,9 @@ class _SpoonMixIn:
         self._errors = None
         self.load_config()
         inherited = _inherited_sockets.pop() if _inherited_sockets else None
+        if inherited is None:
+            # A new generation of a code upgrade: the old one listens on this address.
+            inherited = upgrade.take_inherited_socket(self.address_family, self.socket_type, address)
         if inherited is not None:
             # Bound (and listening) by a supervisor: server_bind() and server_activate()
             # already happened there.

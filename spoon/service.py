@@ -37,6 +37,7 @@ from spoon.net import (
     socket_options,
 )
 from spoon import logs, tls
+from spoon.pool import upgrade
 from spoon.lifecycle import GracefulStop
 from spoon.linux import process_ids, process_stat
 from spoon.reactors import given_or_global
@@ -52,6 +53,8 @@ __all__ = ["PreforkService", "ServeService"]
 
 #: Descriptor number under which the supervisor receives the listening socket.
 CHILD_SOCKET_FD = 3
+#: Descriptor on which the new supervisor of an upgrade says that it serves.
+UPGRADE_READY_FD = 4
 
 
 def _import_root(path):
@@ -129,6 +132,9 @@ class _SupervisorProtocol(ProcessProtocol):
         self.relays = {fd: _LineRelay(self._line) for fd in (1, 2)}
         self.log = log
         self.pid = None
+        #: The new supervisor of an upgrade says on this descriptor when it serves.
+        self.ready = False
+        self._upgrade_lines = _LineRelay(self._upgrade_line)
 
     def _line(self, text):
         fields = logs.parse_line(text)
@@ -140,9 +146,17 @@ class _SupervisorProtocol(ProcessProtocol):
         )
 
     def childDataReceived(self, childFD, data):
+        if childFD == UPGRADE_READY_FD:
+            self._upgrade_lines.feed(data)
+            return
         relay = self.relays.get(childFD)
         if relay is not None:
             relay.feed(data)
+
+    def _upgrade_line(self, text):
+        if text.startswith("READY ") and not self.ready:
+            self.ready = True
+            self.service._successor_ready(self)
 
     def processEnded(self, reason):
         for relay in self.relays.values():
@@ -276,6 +290,10 @@ class PreforkService(service.Service):
         self._kill_call = None
         self._quick_deaths = 0
         self._spawn_pending = False
+        #: The new supervisor of an upgrade under way, and the call that gives up on it.
+        self._successor = None
+        self._successor_timeout = None
+        self.upgrade_timeout = upgrade.UPGRADE_TIMEOUT
 
     # -- configuration ------------------------------------------------------------------
 
@@ -396,6 +414,14 @@ class PreforkService(service.Service):
         """Stop the pool gracefully; the Deferred fires once every process is gone."""
         service.Service.stopService(self)
         self._stopping = True
+        if self._successor is not None:
+            # Stopped while an upgrade was starting: its new supervisor goes too.
+            process = self._successor[0]
+            self._end_upgrade()
+            try:
+                process.signalProcess(int(signal.SIGTERM))
+            except Exception:
+                pass
         self._spawn_pending = False
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
@@ -426,24 +452,12 @@ class PreforkService(service.Service):
             return
         self._spawn_pending = False
         self._restart_call = None
-        protocol = _SupervisorProtocol(self, self.log)
-        null = os.open(os.devnull, os.O_RDONLY)
         try:
-            self.process = self.reactor.spawnProcess(
-                protocol,
-                self.python,
-                self.supervisor_args(),
-                env=self._environment(),
-                childFDs={0: null, 1: "r", 2: "r", CHILD_SOCKET_FD: self.socket.fileno()},
-            )
+            self.process, self._protocol = self._start_supervisor()
         except Exception as e:
             self.log.error("cannot start the supervisor ({python}): {error}", python=self.python, error=e)
             self._schedule_restart(None, "could not be started", 0.0)
             return
-        finally:
-            os.close(null)
-        self._protocol = protocol
-        protocol.pid = self.process.pid
         self.log.info(
             "started supervisor pid {pid} for {target} on {kind} {address}",
             pid=self.process.pid,
@@ -452,15 +466,113 @@ class PreforkService(service.Service):
             address=format_address(self.address),
         )
 
+    def _start_supervisor(self, upgrading=False):
+        """Spawn ``python -m spoon.prefork`` on the socket; ``(process, protocol)``.  The
+        new supervisor of an upgrade also gets a pipe on which it says when it serves."""
+        protocol = _SupervisorProtocol(self, self.log)
+        child_fds = {1: "r", 2: "r", CHILD_SOCKET_FD: self.socket.fileno()}
+        env = self._environment()
+        if upgrading:
+            child_fds[UPGRADE_READY_FD] = "r"
+            env[upgrade.ENV_READY_FD] = str(UPGRADE_READY_FD)
+        null = os.open(os.devnull, os.O_RDONLY)
+        child_fds[0] = null
+        try:
+            process = self.reactor.spawnProcess(
+                protocol, self.python, self.supervisor_args(), env=env, childFDs=child_fds
+            )
+        finally:
+            os.close(null)
+        protocol.pid = process.pid
+        return process, protocol
+
+    # -- zero-downtime code upgrade -----------------------------------------------------
+
+    def upgrade(self):
+        """Start a new supervisor (a new interpreter: it imports the code as it is on disk
+        now) on the same socket; once all its workers serve, the old supervisor stops
+        gracefully without refusing connections (USR2); if the new one exits first or does
+        not serve within ``upgrade_timeout`` seconds, it is stopped and the old one keeps
+        serving.  Returns False when no upgrade was started."""
+        if self.process is None or self._stopping or self.socket is None:
+            self.log.warn("upgrade ignored: no pool is running")
+            return False
+        if self._successor is not None:
+            self.log.info("upgrade ignored: new supervisor pid {pid} is starting", pid=self._successor[1].pid)
+            return False
+        try:
+            process, protocol = self._start_supervisor(upgrading=True)
+        except Exception as e:
+            self.log.error("upgrade failed: cannot start a new supervisor: {error}", error=e)
+            return False
+        self._successor = (process, protocol)
+        self._successor_timeout = self.reactor.callLater(self.upgrade_timeout, self._successor_too_late)
+        self.log.info(
+            "upgrading: new supervisor pid {pid} starting beside pid {old}",
+            pid=process.pid, old=self.process.pid,
+        )
+        return True
+
+    def _successor_ready(self, protocol):
+        if self._successor is None or self._successor[1] is not protocol:
+            return
+        process, _ = self._successor
+        self._end_upgrade()
+        old, self.process, self._protocol = self.process, process, protocol
+        self._quick_deaths = 0
+        self.log.info(
+            "upgrade: new supervisor pid {pid} serves; stopping pid {old} gracefully",
+            pid=process.pid, old=old.pid if old is not None else None,
+        )
+        if old is not None:
+            try:
+                old.signalProcess(int(signal.SIGUSR2))
+            except Exception:
+                pass
+
+    def _successor_too_late(self):
+        self._successor_timeout = None
+        if self._successor is None:
+            return
+        process, protocol = self._successor
+        self.log.error(
+            "upgrade failed: new supervisor pid {pid} did not serve within {timeout}s; "
+            "stopping it, pid {old} keeps serving",
+            pid=protocol.pid, timeout=self.upgrade_timeout, old=self.pid,
+        )
+        self._end_upgrade()
+        try:
+            process.signalProcess(int(signal.SIGTERM))
+        except Exception:
+            pass
+
+    def _successor_ended(self, protocol, how):
+        if self._successor is None or self._successor[1] is not protocol:
+            return
+        self._end_upgrade()
+        self.log.error(
+            "upgrade failed: new supervisor pid {pid} {how} before serving; pid {old} keeps "
+            "serving",
+            pid=protocol.pid, how=how, old=self.pid,
+        )
+
+    def _end_upgrade(self):
+        self._successor = None
+        if self._successor_timeout is not None and self._successor_timeout.active():
+            self._successor_timeout.cancel()
+        self._successor_timeout = None
+
     def _supervisor_ended(self, protocol, reason):
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = "killed by signal %s" % sig if sig else "exited with status %s" % code
         if protocol is not self._protocol:
+            # An upgrade's new supervisor that never served, or the old one stopping.
+            self._successor_ended(protocol, how)
             return
         pid = protocol.pid
         self.process = None
         self._protocol = None
-        code = getattr(reason.value, "exitCode", None)
-        sig = getattr(reason.value, "signal", None)
-        how = "killed by signal %s" % sig if sig else "exited with status %s" % code
         if code == POOL_CANNOT_SERVE and not self._stopping:
             self._give_up(pid)
             return

@@ -47,7 +47,8 @@ Options.longdesc = (
 
 class SpoonMultiService(service.MultiService):
     """The top service of ``twistd spoon``: owns the serving services and relays twistd's
-    signals to them (USR1 reload, HUP rolling restart, TTIN/TTOU one worker more/fewer).
+    signals to them (USR1 reload, HUP rolling restart, TTIN/TTOU one worker more/fewer,
+    USR2 zero-downtime code upgrade of each pool).
 
     Handlers are installed once the reactor runs (twistd has set up its log file by then)
     and chain to whatever was installed before, so twistd's SIGUSR1 log rotation keeps
@@ -56,7 +57,7 @@ class SpoonMultiService(service.MultiService):
     own) and chained too.
     """
 
-    RELAYED = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+    RELAYED = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 
     def __init__(self, reactor=None, log_observer=None, log_file=None):
         service.MultiService.__init__(self)
@@ -107,6 +108,7 @@ class SpoonMultiService(service.MultiService):
             signal.SIGHUP: self.restart_workers,
             signal.SIGTTIN: self.add_worker,
             signal.SIGTTOU: self.remove_worker,
+            signal.SIGUSR2: self.upgrade,
         }
         for signum, action in actions.items():
             previous = signal.getsignal(signum)
@@ -160,6 +162,11 @@ class SpoonMultiService(service.MultiService):
     def remove_worker(self):
         """SIGTTOU: one pre-forked worker fewer (never fewer than one)."""
         self._each_pool("remove_worker", "SIGTTOU: one worker fewer")
+
+    def upgrade(self):
+        """SIGUSR2: a new supervisor from the code on disk for each pre-forked pool; the
+        old one stops once the new one serves (see PreforkService.upgrade)."""
+        self._each_pool("upgrade", "SIGUSR2: upgrading the code")
 
     def _each_pool(self, method, what):
         pools = [child for child in self if isinstance(child, PreforkService)]

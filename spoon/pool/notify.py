@@ -39,6 +39,14 @@ class PoolNotifier:
         self.reload_pending = True
         self.notifier.reloading()
 
+    def handed_over(self, pid):
+        """A new generation (an upgrade) took over: systemd watches ``pid`` from now on
+        (None: the new one says so itself), and this generation's stop is no stop of the
+        service (no ``STOPPING=1``)."""
+        self.stopping = True
+        if pid is not None:
+            self.notifier.send("MAINPID=%d" % pid)
+
     def step(self, now, serving, wanted, stopping=False, replacing=False):
         """One look at the pool: ``serving`` workers answer (ready and not retiring),
         ``wanted`` are wanted, ``replacing``: a rolling replacement is under way."""

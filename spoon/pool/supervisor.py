@@ -19,6 +19,12 @@ inside a signal handler:
 - HUP: ``reload()`` here, then each worker is replaced by a fresh fork, one at a time:
   the new one is serving before the old one stops accepting, so no connection is refused.
 - TTIN / TTOU: one worker more / fewer (never fewer than one).
+- USR2: zero-downtime code upgrade (:mod:`spoon.pool.upgrade`): this process's command line
+  is executed again on the same listening socket; once the new generation's workers all
+  serve, this one stops gracefully (without refusing connections at the socket, which the
+  new workers accept on); if the new one fails to serve, this one keeps serving.  A
+  supervisor started by a pool service (twistd) is upgraded by that service, which sends
+  this USR2 once the new supervisor it started serves: then it only stops, the same way.
 
 Workers write a heartbeat from their reactor into a pipe; a worker silent for longer than
 ``worker_timeout`` is stuck (a CPU loop or a blocking call in a handler): its threads'
@@ -49,7 +55,7 @@ import time
 from zope.interface import implementer
 
 from spoon import linux, metrics
-from spoon.pool import stats, worker
+from spoon.pool import stats, upgrade, worker
 from spoon.pool.hooks import call_hook
 from spoon.pool.notify import PoolNotifier
 from spoon.pool.proctitle import set_title, supervisor_title
@@ -226,6 +232,7 @@ class Supervisor:
         notifier=None,
         metrics_endpoint=None,
         statsd=None,
+        upgrade_timeout=upgrade.UPGRADE_TIMEOUT,
     ):
         self.target = IPoolTarget(target)
         self.clock = clock
@@ -283,6 +290,11 @@ class Supervisor:
         self.halted = None
         self._loop_thread = None
         self._done = threading.Event()
+        #: The new generation of a USR2 upgrade (:class:`spoon.pool.upgrade.Successor`).
+        self.upgrade_timeout = float(upgrade_timeout)
+        self._successor = None
+        #: The pid of the generation that took over from this one (None: none did).
+        self.upgraded_to = None
         self._handlers = self._signal_handlers()
         self._init_observing()
 
@@ -297,6 +309,7 @@ class Supervisor:
             signal.SIGHUP: self.handle_hup,
             signal.SIGTTIN: self.handle_ttin,
             signal.SIGTTOU: self.handle_ttou,
+            signal.SIGUSR2: self.handle_usr2,
         }
         # The server class may move its reload and shutdown to other signals.
         shutdown = self.target.signal_shutdown
@@ -398,6 +411,63 @@ class Supervisor:
         self.wanted -= 1
         self.log.info("SIGTTOU: %d worker(s) wanted", self.wanted)
 
+    def handle_usr2(self):
+        """Start a new generation of the pool from the code as it is now on disk."""
+        if self._stopping:
+            return
+        if self.parent_pid is not None:
+            # Started by a pool service (twistd), which upgrades by starting a new
+            # supervisor: this USR2 says that one serves now.
+            self.log.info(
+                "SIGUSR2 from process %d: a new generation serves; stopping this one (%d) "
+                "gracefully", self.parent_pid, self.pid,
+            )
+            self.notify.handed_over(None)
+            self._stop(graceful=True, refuse=False)
+            return
+        if self._successor is not None:
+            self.log.info("SIGUSR2 ignored: an upgrade is under way (new generation %d)",
+                          self._successor.pid)
+            return
+        sock = self.target.socket
+        if sock is None:
+            self.log.error("SIGUSR2: no listening socket to hand to a new generation")
+            return
+        try:
+            self._successor = upgrade.Successor.start([sock], self.clock, self.upgrade_timeout)
+        except OSError as e:
+            self._upgrade_failed("it could not be started: %s" % e)
+            return
+        self.log.info(
+            "SIGUSR2: upgrading; new generation %d starting from %s on the same socket",
+            self._successor.pid, upgrade.STARTUP_DIRECTORY,
+        )
+
+    def _watch_successor(self):
+        """Act on what the new generation of an upgrade did: serve (this generation hands
+        over and stops) or fail (this one keeps serving)."""
+        successor = self._successor
+        if successor is None:
+            return
+        state = successor.check_time()
+        if state == "ready":
+            self._successor = None
+            self.upgraded_to = successor.pid
+            successor.abandon()
+            self.log.info(
+                "Upgrade: new generation %d serves; stopping this generation (%d) gracefully",
+                successor.pid, self.pid,
+            )
+            self.notify.handed_over(successor.pid)
+            self._stop(graceful=True, refuse=False)
+        elif state == "failed":
+            self._successor = None
+            self._upgrade_failed("new generation %d %s" % (successor.pid, successor.reason))
+
+    def _upgrade_failed(self, reason):
+        self.log.error("Upgrade failed: %s; this generation (%d) keeps serving", reason, self.pid)
+        upgrade.record_result("failed", reason)
+
     # -- the loop -------------------------------------------------------------------------
 
     def run(self):
@@ -436,6 +506,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         del self.pids[:]
         self.notify = PoolNotifier(self.pid, self.notifier)
+        upgrade.announce_started(self.pid)
         target.pool_started(self)
         if self.install_signals:
             self._install_signals()
@@ -454,6 +525,7 @@ class Supervisor:
         if self._stopping and not self.workers:
             return False
         self._check_parent()
+        self._watch_successor()
         self._murder()
         self._manage()
         self._observe()
@@ -516,6 +588,10 @@ class Supervisor:
                     timeout,
                     max(w.last_beat + self.worker_timeout, w.dumped_at + DUMP_GRACE) - now,
                 )
+        if self._successor is not None:
+            left = self._successor.seconds_left()
+            if left is not None:
+                timeout = min(timeout, left)
         if self._queue:
             timeout = 0
         self._poll(timeout)
@@ -529,6 +605,9 @@ class Supervisor:
             if w.fd is not None:
                 poller.register(w.fd, select.POLLIN)
                 by_fd[w.fd] = w
+        successor_fd = self._successor.fd if self._successor is not None else None
+        if successor_fd is not None:
+            poller.register(successor_fd, select.POLLIN)
         try:
             events = poller.poll(max(0.0, timeout) * 1000.0)
         except InterruptedError:
@@ -541,6 +620,9 @@ class Supervisor:
                         pass
                 except BlockingIOError:
                     pass
+                continue
+            if fd == successor_fd and self._successor is not None:
+                self._successor.feed()
                 continue
             w = by_fd.get(fd)
             if w is not None:
@@ -698,7 +780,8 @@ class Supervisor:
 
     def _become_worker(self, number, beat_fd):
         """In the forked child: drop the supervisor's state and serve.  Never returns."""
-        for fd in [self._wake_r, self._wake_w] + [w.fd for w in self.workers.values()]:
+        successor_fd = self._successor.fd if self._successor is not None else None
+        for fd in [self._wake_r, self._wake_w, successor_fd] + [w.fd for w in self.workers.values()]:
             if fd is not None:
                 try:
                     os.close(fd)
@@ -843,9 +926,16 @@ class Supervisor:
                 self.workers[pid].killed = True
                 self._kill(pid, signal.SIGKILL)
 
-    def _stop(self, graceful):
+    def _stop(self, graceful, refuse=True):
+        """Stop every worker; ``refuse``: new connections are refused at the socket
+        during a graceful stop (not when a new generation accepts on it)."""
         if self._stopping == "fast" or (self._stopping and graceful):
             return
+        if self._successor is not None:
+            # Stopped while an upgrade was starting: the new generation goes too.
+            self.log.info("Stopping the new generation %d of the upgrade under way", self._successor.pid)
+            self._successor.stop()
+            self._successor = None
         self._stopping = "graceful" if graceful else "fast"
         self._replace_queue = []
         self._rolling = None
@@ -856,7 +946,7 @@ class Supervisor:
         )
         self._stop_deadline = self.clock() + timeout
         sock = self.target.socket
-        if graceful and sock is not None and sock.type == socket.SOCK_STREAM:
+        if graceful and refuse and sock is not None and sock.type == socket.SOCK_STREAM:
             # Let the workers empty the accept queue before the socket closes, instead of
             # the kernel resetting connections it already completed.
             linux.refuse_new_connections(sock)
@@ -941,6 +1031,8 @@ class Supervisor:
             self._announced_ready = True
             self._observe(force=True)
             self._hook("when_ready")
+            # A new generation of an upgrade: the old one may stop now.
+            upgrade.announce_ready(self.pid, self.log)
 
     def _before_fork(self, number):
         self.stats.prepare_worker()

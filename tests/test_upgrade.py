@@ -1,0 +1,292 @@
+"""Zero-downtime code upgrade for real: a pool under continuous load gets new code on disk
+and a USR2 (a script's own supervisor, the ``spoon`` command's ``upgrade``, twistd's pool
+service); the replies switch from the old code to the new one with no failed request, and
+a new generation that cannot serve leaves the old one serving."""
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from support import ROOT, PoolLoad, log_lines, pid_alive, processes_with_token, wait_for
+
+APP = '''
+import os
+import spoon.server
+
+VERSION = {version}
+BROKEN = {broken}
+{extra}
+
+class Handler(spoon.server.Gulp):
+    def handle(self):
+        self.rfile.readline()
+        self.wfile.write(b"%d %d\\n" % (os.getpid(), VERSION))
+
+
+class Server(spoon.server.TCPSpork):
+    handler_klass = Handler
+    prefork = 2
+    graceful_timeout = 10
+
+    def load_config(self):
+        if BROKEN:
+            raise RuntimeError("a broken configuration")
+
+    def server_activate(self):
+        super().server_activate()
+        with open(os.environ["APP_PORT_FILE"], "w") as f:
+            f.write(str(self.server_address[1]))
+'''
+
+SCRIPT = '''
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(asctime)s [%(process)d] %(name)s: %(message)s")
+import app
+app.Server(("127.0.0.1", 0)).serve_forever()
+'''
+
+
+class App:
+    """A scratch directory with ``app.py`` (its reply carries VERSION) and a log file;
+    every process started here carries a token in its environment, by which the test
+    kills whatever is left."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.port_file = str(tmp_path / "app.port")
+        self.log = str(tmp_path / "app.log")
+        self.token = uuid.uuid4().hex
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]),
+            PYTHONDONTWRITEBYTECODE="1",
+            PYTHONUNBUFFERED="1",
+            APP_PORT_FILE=self.port_file,
+            SPOON_TEST_TOKEN=self.token,
+        )
+        self.deploy(1)
+
+    def deploy(self, version, extra="", broken=False):
+        (self.dir / "app.py").write_text(APP.format(version=version, extra=extra, broken=broken))
+
+    def port(self):
+        wait_for(lambda: os.path.exists(self.port_file) and open(self.port_file).read(), 30,
+                 what="the port file")
+        with open(self.port_file) as f:
+            return int(f.read())
+
+    def popen(self, args):
+        with open(self.log, "ab") as log:
+            return subprocess.Popen(args, cwd=str(self.dir), env=self.env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def run(self, args, timeout=120):
+        return subprocess.run(args, cwd=str(self.dir), env=self.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def logged(self, text):
+        return any(text in line for line in log_lines(self.log))
+
+    def kill_all(self):
+        def left():
+            return [pid for pid in processes_with_token(self.token) if pid != os.getpid()]
+
+        for _ in range(5):
+            for pid in left():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if not left():
+                return
+            wait_for(lambda: not left(), 5, what="no process left")
+
+
+@pytest.fixture
+def app(tmp_path):
+    a = App(tmp_path)
+    yield a
+    a.kill_all()
+
+
+def versions(load):
+    return [version for _, version in list(load.answers)]
+
+
+def upgrade_under_load(app, signal_upgrade, old_master):
+    """Load the pool, deploy version 2, upgrade; returns the load once version 2 answered
+    and ``old_master`` has exited."""
+    load = PoolLoad(app.port(), threads=4)
+    try:
+        load.wait_for_answers(100)
+        app.deploy(2, extra="# the new code")
+        signal_upgrade()
+        wait_for(lambda: 2 in versions(load), 60, what="an answer of the new code")
+        wait_for(lambda: not pid_alive(old_master), 30, what="the old generation's exit")
+        load.wait_for_answers(200)
+    finally:
+        load.stop()
+    return load
+
+
+def assert_switched(load):
+    assert load.failures == [], load.failures[:5]
+    assert load.refused == 0
+    seen = versions(load)
+    assert seen[:50] == [1] * 50
+    # Once the old generation has gone, only the new code answers.
+    assert set(seen[-150:]) == {2}
+
+
+def test_usr2_to_a_script_upgrades_its_pool_under_load_without_a_failed_request(app):
+    (app.dir / "run.py").write_text(SCRIPT)
+    proc = app.popen([sys.executable, "run.py"])
+    load = upgrade_under_load(app, lambda: os.kill(proc.pid, signal.SIGUSR2), proc.pid)
+    assert proc.wait(timeout=10) == 0
+    assert_switched(load)
+    assert app.logged("Upgrade: new generation")
+
+
+def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(app):
+    (app.dir / "run.py").write_text(SCRIPT)
+    proc = app.popen([sys.executable, "run.py"])
+    load = PoolLoad(app.port(), threads=4)
+    try:
+        load.wait_for_answers(50)
+        app.deploy(2, extra="raise ImportError('a broken deploy')")
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_for(lambda: app.logged("Upgrade failed"), 60, what="the upgrade's failure in the log")
+        load.wait_for_answers(100)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.refused == 0
+    assert set(versions(load)) == {1}
+    assert proc.poll() is None
+    assert app.logged("a broken deploy")  # the new generation's own traceback
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
+def _daemon(app, *args):
+    return [sys.executable, "-m", "spoon.daemon", "app.Server", *args]
+
+
+def test_spoon_upgrade_switches_the_daemon_to_the_new_code_and_the_pid_file_to_the_new_master(app):
+    pid_file = str(app.dir / "app.pid")
+    started = app.run(_daemon(app, "start", "-p", pid_file, "-L", app.log, "-s", "2",
+                              "-e", "tcp:0:interface=127.0.0.1"))
+    assert started.returncode == 0, started.stderr
+    old = int(open(pid_file).read())
+    outcome = {}
+
+    def upgrade():
+        outcome["result"] = app.run(_daemon(app, "upgrade", "-p", pid_file))
+
+    import threading
+
+    thread = threading.Thread(target=upgrade)
+    load = upgrade_under_load(app, thread.start, old)
+    thread.join(timeout=90)
+    result = outcome["result"]
+    assert result.returncode == 0, result.stderr
+    new = int(open(pid_file).read())
+    assert new != old and pid_alive(new)
+    assert "Upgraded: process %d serves" % new in result.stderr
+    assert_switched(load)
+    status = app.run(_daemon(app, "status", "-p", pid_file))
+    assert status.returncode == 0, status.stdout + status.stderr
+    stopped = app.run(_daemon(app, "stop", "-p", pid_file))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not pid_alive(new)
+
+
+def test_spoon_upgrade_reports_a_failed_upgrade_and_the_daemon_keeps_its_pid_file(app):
+    pid_file = str(app.dir / "app.pid")
+    started = app.run(_daemon(app, "start", "-p", pid_file, "-L", app.log, "-s", "2",
+                              "-e", "tcp:0:interface=127.0.0.1"))
+    assert started.returncode == 0, started.stderr
+    old = int(open(pid_file).read())
+    # Code that does not import is refused by the command itself: nothing is signalled.
+    app.deploy(2, extra="raise ImportError('a broken deploy')")
+    result = app.run(_daemon(app, "upgrade", "-p", pid_file))
+    assert result.returncode == 2 and "a broken deploy" in result.stderr
+    assert not app.logged("SIGUSR2")
+    # Code that imports but cannot serve: the new generation fails, the old one says so.
+    app.deploy(2, broken=True)
+    result = app.run(_daemon(app, "upgrade", "-p", pid_file))
+    assert result.returncode == 1, result.stderr
+    assert "Upgrade failed" in result.stderr and "keeps serving" in result.stderr
+    assert app.logged("a broken configuration")
+    assert int(open(pid_file).read()) == old and pid_alive(old)
+    load = PoolLoad(app.port(), threads=2)
+    try:
+        load.wait_for_answers(20)
+    finally:
+        load.stop()
+    assert load.failures == [] and set(versions(load)) == {1}
+    stopped = app.run(_daemon(app, "stop", "-p", pid_file))
+    assert stopped.returncode == 0, stopped.stderr
+
+
+def _twistd_port(app):
+    import re
+
+    def find():
+        for line in log_lines(app.log):
+            match = re.search(r"on tcp \[?[^\s\]]*\]?:(\d+)", line)
+            if match:
+                return int(match.group(1))
+        return None
+
+    return wait_for(find, 30, what="the listening port in twistd's log")
+
+
+def _supervisors(twistd_pid):
+    from support import children_of
+
+    return children_of(twistd_pid)
+
+
+def test_usr2_to_twistd_upgrades_its_pool_through_the_pool_service(app):
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    pid_file = str(app.dir / "twistd.pid")
+    proc = app.popen([twistd, "--pidfile", pid_file, "--logfile", app.log, "-n", "spoon",
+                      "--server", "app.Server", "-s", "2", "-e", "tcp:0:interface=127.0.0.1"])
+    port = _twistd_port(app)
+    wait_for(lambda: len(_supervisors(proc.pid)) == 1, 30, what="the supervisor")
+    (old_supervisor,) = _supervisors(proc.pid)
+    with open(app.port_file, "w") as f:
+        f.write(str(port))
+    load = upgrade_under_load(app, lambda: os.kill(proc.pid, signal.SIGUSR2), old_supervisor)
+    assert_switched(load)
+    # twistd is the master and stays (its pid file too); its supervisor is the new one.
+    assert proc.poll() is None and int(open(pid_file).read()) == proc.pid
+    (new_supervisor,) = _supervisors(proc.pid)
+    assert new_supervisor != old_supervisor
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # twistd re-raises the signal
+
+
+def test_a_twistd_pool_keeps_serving_when_the_new_code_cannot_start(app):
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    proc = app.popen([twistd, "--pidfile", str(app.dir / "twistd.pid"), "--logfile", app.log, "-n",
+                      "spoon", "--server", "app.Server", "-s", "2", "-e", "tcp:0:interface=127.0.0.1"])
+    load = PoolLoad(_twistd_port(app), threads=4)
+    try:
+        load.wait_for_answers(50)
+        app.deploy(2, extra="raise ImportError('a broken deploy')")
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_for(lambda: app.logged("upgrade failed: new supervisor"), 60, what="the failure in the log")
+        load.wait_for_answers(100)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.refused == 0
+    assert set(versions(load)) == {1}
+    assert app.logged("a broken deploy") and proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
