@@ -467,8 +467,8 @@ def _parser(prog):
     ``twistd spoon``), plus the two that belong to one command only."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Start, stop, reload, restart a spoon server as a daemon, or tell "
-        "whether it runs. Settings come from KLASS, a --config file, SPOON_* variables and "
+        description="Start, stop, reload, restart or upgrade (new code, no connection "
+        "refused) a spoon server as a daemon, or tell whether it runs. Settings come from KLASS, a --config file, SPOON_* variables and "
         "these options; restart reuses the settings the running instance was started with "
         "unless given again.",
     )
@@ -753,7 +753,7 @@ def _main(argv, out):
         return 2
     if args.command is None:
         parser.print_usage(out)
-        out.write("%s: error: give a command: start, stop, reload, restart or status\n" % prog)
+        out.write("%s: error: give a command: start, stop, reload, restart, upgrade or status\n" % prog)
         return 2
     klass = cfg.server_class
     stop_timeout = args.stop_timeout

@@ -349,7 +349,7 @@ def test_console_script_has_the_same_arguments():
     assert result.returncode == 0
     for flag in ("--spork", "--pid-file", "--port", "--interface", "--nice", "--debug",
                  "--info", "--log-file", "--sentry-dsn", "--no-daemon",
-                 "{start,stop,reload,restart,status}", "--uid", "--gid", "--version"):
+                 "{start,stop,reload,restart,status,upgrade}", "--uid", "--gid", "--version"):
         assert flag in result.stdout
     assert result.stdout.startswith("usage: spoon ")
 

@@ -248,7 +248,7 @@ def test_scratch_venv_install_and_uninstall(wheel, tmp_path):
             result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                                     cwd=venv, stdin=subprocess.DEVNULL)
             assert result.returncode == 0, result.stderr
-            assert "{start,stop,reload,restart,status}" in result.stdout
+            assert "{start,stop,reload,restart,status,upgrade}" in result.stdout
 
         _pip("uninstall", "-y", "-q", "spoon", python=python)
         assert not os.path.exists(os.path.join(plugins_dir, "spoon_plugin.py"))
