@@ -778,6 +778,9 @@ class _SporkMixIn(_SpoonMixIn):
     #: Seconds a worker's reactor may go without reporting a heartbeat (a handler stuck in
     #: a CPU loop or a blocking call) before the supervisor kills and replaces it.
     worker_timeout = 30
+    #: Seconds a zero-downtime upgrade (USR2) waits for the new generation to serve
+    #: before it gives up on it and this one serves on.
+    upgrade_timeout = 60
 
     def __init__(self, address, bind_and_activate=True):
         self.pids = None

@@ -172,6 +172,37 @@ def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(app):
     assert proc.wait(timeout=30) == 0
 
 
+STALLED_WORKERS = """
+import time
+
+def _stall(self, number):
+    time.sleep(3600)  # the new generation's workers never serve
+
+Server.post_fork = _stall
+Server.upgrade_timeout = 2
+"""
+
+
+def test_a_new_generation_that_does_not_serve_in_time_is_stopped_and_no_connection_is_refused(app):
+    (app.dir / "run.py").write_text(SCRIPT.replace("import app\n", "import app\napp.Server.upgrade_timeout = 2\n"))
+    proc = app.popen([sys.executable, "run.py"])
+    load = PoolLoad(app.port(), threads=4)
+    try:
+        load.wait_for_answers(50)
+        (app.dir / "app.py").write_text(APP.format(version=2, extra="", broken=False) + STALLED_WORKERS)
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_for(lambda: app.logged("did not serve within 2"), 30, what="the upgrade's timeout")
+        # The new generation stops (its stalled workers killed after its grace) while the
+        # old one serves on the socket they shared: nothing refused at the socket.
+        wait_for(lambda: app.logged("Graceful stop of 2 worker(s)"), 30, what="the new generation's stop")
+        load.wait_for_answers(200)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.refused == 0
+    assert set(versions(load)) == {1}
+    assert proc.poll() is None
+
+
 def _daemon(app, *args):
     return [sys.executable, "-m", "spoon.daemon", "app.Server", *args]
 

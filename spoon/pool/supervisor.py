@@ -232,7 +232,7 @@ class Supervisor:
         notifier=None,
         metrics_endpoint=None,
         statsd=None,
-        upgrade_timeout=upgrade.UPGRADE_TIMEOUT,
+        upgrade_timeout=None,
     ):
         self.target = IPoolTarget(target)
         self.clock = clock
@@ -291,6 +291,8 @@ class Supervisor:
         self._loop_thread = None
         self._done = threading.Event()
         #: The new generation of a USR2 upgrade (:class:`spoon.pool.upgrade.Successor`).
+        if upgrade_timeout is None:
+            upgrade_timeout = getattr(target, "upgrade_timeout", None) or upgrade.UPGRADE_TIMEOUT
         self.upgrade_timeout = float(upgrade_timeout)
         self._successor = None
         #: The pid of the generation that took over from this one (None: none did).
@@ -946,6 +948,9 @@ class Supervisor:
         )
         self._stop_deadline = self.clock() + timeout
         sock = self.target.socket
+        # A new generation that never took over shares its socket with the old one, which
+        # serves on: no filter on it.
+        refuse = refuse and not upgrade.is_successor()
         if graceful and refuse and sock is not None and sock.type == socket.SOCK_STREAM:
             # Let the workers empty the accept queue before the socket closes, instead of
             # the kernel resetting connections it already completed.

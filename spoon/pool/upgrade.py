@@ -66,10 +66,17 @@ class _Inheritance:
         for text in fds.split(","):
             if text.strip().isdigit():
                 try:
-                    self.sockets.append(socket.socket(fileno=int(text)))
+                    sock = socket.socket(fileno=int(text))
                 except OSError:
-                    pass
+                    continue
+                sock.set_inheritable(False)  # passed on again only by a later upgrade
+                self.sockets.append(sock)
         self.ready_fd = int(ready) if ready.strip().isdigit() else None
+        if self.ready_fd is not None:
+            try:
+                os.set_inheritable(self.ready_fd, False)
+            except OSError:
+                self.ready_fd = None
         self.origin = int(origin) if origin.strip().isdigit() else None
         self.callbacks = []
         self.announced = False
