@@ -267,6 +267,29 @@ def _worker_limit_setting(name, metavar, text):
     )
 
 
+#: Settings that become attributes of the server object of the same name, read by the
+#: pool's workers (spoon.pool.retire): every entry point sets them with
+#: :func:`apply_worker_limits` (twistd passes them on to its supervisor's command line).
+WORKER_LIMITS = ("max_requests", "max_requests_jitter", "max_worker_memory")
+
+
+def apply_worker_limits(cfg, server):
+    """Give ``server`` the worker limits the configuration sets beyond its class (a file,
+    ``SPOON_*``, an option); a limit the class sets stays the class's."""
+    for name in WORKER_LIMITS:
+        if cfg.kinds.get(name) in ("file", "env", "option"):
+            setattr(server, name, cfg.values[name])
+
+
+def worker_limit_arguments(cfg):
+    """The worker limits set beyond the class, as options of ``python -m spoon.prefork``."""
+    args = []
+    for name in WORKER_LIMITS:
+        if cfg.kinds.get(name) in ("file", "env", "option"):
+            args += ["--" + name.replace("_", "-"), str(cfg.values[name])]
+    return args
+
+
 SETTINGS = (
     Setting(
         "server", _text,

@@ -194,7 +194,9 @@ def makeService(options):
         # startService; the pool switches user in its supervisor (see PreforkService).
         for number, description in enumerate(config.endpoint):
             # One pool publishes (one metrics port, one status file): the first one.
-            publish = []
+            # Each pool's supervisor (a new interpreter) is told the worker limits set
+            # beyond the class.
+            publish = spoon_config.worker_limit_arguments(config)
             if number == 0:
                 for flag, value in (("--metrics", config.metrics), ("--statsd", config.statsd)):
                     if value:

@@ -35,6 +35,9 @@ class Facts(spoon.server.Gulp):
             "reactor": type(reactor).__module__ if reactor is not None else None,
             "graceful_timeout": self.server.graceful_timeout,
             "prefork": getattr(self.server, "prefork", None),
+            "max_requests": getattr(self.server, "max_requests", None),
+            "max_requests_jitter": getattr(self.server, "max_requests_jitter", None),
+            "max_worker_memory": getattr(self.server, "max_worker_memory", None),
             # What socketserver gives a handler (a UNIX socket: '' and the path).
             "client_address": self.client_address,
             "sockname": self.request.getsockname(),

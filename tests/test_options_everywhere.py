@@ -347,6 +347,24 @@ def test_metrics(run, entry, args):
     assert "spoon_workers" in text or "spoon_worker" in text, text[:500]
 
 
+@pytest.mark.parametrize("entry, workers", [("twistd", "-s"), ("daemon", "-s"), ("prefork", "--workers")])
+def test_worker_limits_reach_the_workers(run, entry, workers):
+    """--max-requests, --max-requests-jitter, --max-worker-memory (read by the workers,
+    spoon.pool.retire) are set on the server each worker serves, not only parsed."""
+    r = run(entry, workers, "2", "--max-requests", "500", "--max-requests-jitter", "7",
+            "--max-worker-memory", "900000000")
+    _, facts = _workers_of(r)
+    assert (facts["max_requests"], facts["max_requests_jitter"], facts["max_worker_memory"]) == (
+        500, 7, 900000000)
+
+
+def test_a_script_pool_takes_its_worker_limits_from_the_environment(run):
+    r = run("script", klass="option_servers.OptionPool",
+            env={"SPOON_WORKERS": "2", "SPOON_MAX_REQUESTS": "500", "SPOON_MAX_WORKER_MEMORY": "900000000"})
+    _, facts = _workers_of(r)
+    assert (facts["max_requests"], facts["max_worker_memory"]) == (500, 900000000)
+
+
 def test_a_script_pool_takes_workers_and_timeouts_from_the_environment(run):
     r = run("script", klass="option_servers.OptionPool",  # the class says 4 workers, 3 s
             env={"SPOON_WORKERS": "2", "SPOON_GRACEFUL_TIMEOUT": "2.5"})
