@@ -171,6 +171,25 @@ def _host_port(value):
 _host_port.kind = "HOST:PORT"
 
 
+def _networks(value):
+    """Addresses or networks, as a list or one string separated by commas or spaces."""
+    import ipaddress
+
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be addresses or networks (e.g. \"10.0.0.0/24,::1\"), not %r" % (value,))
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ValueError("%r is not an address or a network (e.g. 10.0.0.0/24)" % (entry,)) from None
+    return list(value)
+
+
+_networks.kind = "address list"
+
+
 # -- the option set ---------------------------------------------------------------------
 
 
@@ -267,26 +286,31 @@ def _worker_limit_setting(name, metavar, text):
     )
 
 
-#: Settings that become attributes of the server object of the same name, read by the
-#: pool's workers (spoon.pool.retire): every entry point sets them with
-#: :func:`apply_worker_limits` (twistd passes them on to its supervisor's command line).
-WORKER_LIMITS = ("max_requests", "max_requests_jitter", "max_worker_memory")
+#: Settings that become attributes of the same name of the server object, read where it
+#: serves (the pool's workers: spoon.pool.retire; the PROXY header check): every entry point
+#: sets them with :func:`apply_server_attributes` (twistd passes them on to its
+#: supervisor's command line with :func:`server_attribute_arguments`).
+SERVER_ATTRIBUTES = ("max_requests", "max_requests_jitter", "max_worker_memory", "proxy_allow_from")
 
 
-def apply_worker_limits(cfg, server):
-    """Give ``server`` the worker limits the configuration sets beyond its class (a file,
-    ``SPOON_*``, an option); a limit the class sets stays the class's."""
-    for name in WORKER_LIMITS:
-        if cfg.kinds.get(name) in ("file", "env", "option"):
-            setattr(server, name, cfg.values[name])
+def _given_beyond_class(cfg):
+    return [name for name in SERVER_ATTRIBUTES if cfg.kinds.get(name) in ("file", "env", "option")]
 
 
-def worker_limit_arguments(cfg):
-    """The worker limits set beyond the class, as options of ``python -m spoon.prefork``."""
+def apply_server_attributes(cfg, server):
+    """Give ``server`` the attributes the configuration sets beyond its class (a file,
+    ``SPOON_*``, an option); what only the class sets stays the class's."""
+    for name in _given_beyond_class(cfg):
+        value = cfg.values[name]
+        setattr(server, name, tuple(value) if isinstance(value, list) else value)
+
+
+def server_attribute_arguments(cfg):
+    """The same, as options of ``python -m spoon.prefork``."""
     args = []
-    for name in WORKER_LIMITS:
-        if cfg.kinds.get(name) in ("file", "env", "option"):
-            args += ["--" + name.replace("_", "-"), str(cfg.values[name])]
+    for name in _given_beyond_class(cfg):
+        value = cfg.values[name]
+        args += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
     return args
 
 
@@ -350,6 +374,15 @@ SETTINGS = (
         "max_worker_memory", "BYTES",
         "Resident bytes beyond which a pre-forked worker is replaced, checked between "
         "requests (0: no limit)",
+    ),
+    Setting(
+        "proxy_allow_from", _networks,
+        "Addresses or networks (comma-separated) allowed to send a PROXY protocol header, "
+        "with a haproxy: endpoint or proxy_protocol = True [default: the class's "
+        "proxy_allow_from, else 127.0.0.0/8,::1].",
+        flags=("--proxy-allow-from",), metavar="NETWORKS",
+        from_class=_class_attribute("proxy_allow_from"),
+        entry_points=("twistd", "daemon", "prefork", "script"),
     ),
     Setting(
         "reactor", _text,

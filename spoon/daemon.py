@@ -598,7 +598,7 @@ def _start(cfg, daemonize):
         klass.prefork = workers
     server = _build(klass, cfg.endpoint[0])
     server.graceful_timeout = cfg.graceful_timeout
-    config.apply_worker_limits(cfg, server)
+    config.apply_server_attributes(cfg, server)
     if targets.is_spork(klass):
         server.prefork = workers
 

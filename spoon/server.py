@@ -843,7 +843,7 @@ def _script_configuration(server):
     ):
         if cfg.kinds.get(name) in ("file", "env"):
             setattr(server, attribute, getattr(cfg, name))
-    config.apply_worker_limits(cfg, server)
+    config.apply_server_attributes(cfg, server)
     logs.ensure_default_logging(server.server_logger, cfg)
     return cfg
 

@@ -194,9 +194,9 @@ def makeService(options):
         # startService; the pool switches user in its supervisor (see PreforkService).
         for number, description in enumerate(config.endpoint):
             # One pool publishes (one metrics port, one status file): the first one.
-            # Each pool's supervisor (a new interpreter) is told the worker limits set
-            # beyond the class.
-            publish = spoon_config.worker_limit_arguments(config)
+            # Each pool's supervisor (a new interpreter) is told the server attributes set
+            # beyond the class (worker limits, proxy_allow_from).
+            publish = spoon_config.server_attribute_arguments(config)
             if number == 0:
                 for flag, value in (("--metrics", config.metrics), ("--statsd", config.statsd)):
                     if value:
@@ -222,5 +222,6 @@ def makeService(options):
             ).setServiceParent(top)
     else:
         server = build_server(config.server_class, (config.interface, config.port))
+        spoon_config.apply_server_attributes(config, server)
         ServeService(server, config.endpoint, graceful_timeout=config.graceful_timeout).setServiceParent(top)
     return top

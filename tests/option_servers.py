@@ -38,6 +38,7 @@ class Facts(spoon.server.Gulp):
             "max_requests": getattr(self.server, "max_requests", None),
             "max_requests_jitter": getattr(self.server, "max_requests_jitter", None),
             "max_worker_memory": getattr(self.server, "max_worker_memory", None),
+            "proxy_allow_from": list(getattr(self.server, "proxy_allow_from", ())),
             # What socketserver gives a handler (a UNIX socket: '' and the path).
             "client_address": self.client_address,
             "sockname": self.request.getsockname(),

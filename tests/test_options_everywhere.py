@@ -358,6 +358,21 @@ def test_worker_limits_reach_the_workers(run, entry, workers):
         500, 7, 900000000)
 
 
+@pytest.mark.parametrize("entry, args", [("twistd", ["-s", "1"]), ("twistd", ["-s", "2"]),
+                                         ("daemon", ["-s", "1"]), ("daemon", ["-s", "2"]),
+                                         ("prefork", ["--workers", "2"])])
+def test_proxy_allow_from_reaches_the_serving_process(run, entry, args):
+    r = run(entry, *args, "--proxy-allow-from", "10.0.0.0/8,::1")
+    assert r.ask()["proxy_allow_from"] == ["10.0.0.0/8", "::1"]
+
+
+def test_a_bad_proxy_allow_from_is_one_line_and_status_2(tmp_path):
+    result = _command("daemon", "start", "-D", "--proxy-allow-from", "10.0.0.300")
+    assert result.returncode == 2
+    assert "'10.0.0.300' is not an address or a network" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_script_pool_takes_its_worker_limits_from_the_environment(run):
     r = run("script", klass="option_servers.OptionPool",
             env={"SPOON_WORKERS": "2", "SPOON_MAX_REQUESTS": "500", "SPOON_MAX_WORKER_MEMORY": "900000000"})

@@ -166,7 +166,7 @@ def main(argv=None):
     except Exception as e:
         log.error("Cannot build the pool's server from %s: %s", cfg.server, e)
         return 2
-    config.apply_worker_limits(cfg, server)
+    config.apply_server_attributes(cfg, server)
     if args.proxy_protocol:
         if not hasattr(server, "proxy_protocol") or args.udp:
             log.error("%s: the PROXY protocol needs a spoon stream server class", args.target)
