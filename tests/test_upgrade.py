@@ -321,3 +321,52 @@ def test_a_twistd_pool_keeps_serving_when_the_new_code_cannot_start(app):
     assert app.logged("a broken deploy") and proc.poll() is None
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_under_systemd_the_old_generation_names_the_new_main_pid_and_never_says_stopping(app):
+    import socket as socketlib
+
+    path = str(app.dir / "notify")
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind(path)
+    listener.settimeout(1)
+    app.env["NOTIFY_SOCKET"] = path
+    messages = []
+
+    def receive_until(condition, timeout=30):
+        def got():
+            try:
+                messages.append(listener.recv(4096).decode())
+            except socketlib.timeout:
+                pass
+            return condition()
+
+        wait_for(got, timeout, interval=0, what="notify messages, so far %r" % messages)
+
+    try:
+        (app.dir / "run.py").write_text(SCRIPT)
+        proc = app.popen([sys.executable, "run.py"])
+        receive_until(lambda: any("READY=1" in m for m in messages))
+        app.deploy(2, extra="# the new code")
+        os.kill(proc.pid, signal.SIGUSR2)
+
+        def handed_over():
+            alone = [m for m in messages[1:] if m.startswith("MAINPID=")]
+            ready = [m for m in messages[1:] if "READY=1" in m]
+            return alone and ready
+        receive_until(handed_over)
+        assert proc.wait(timeout=30) == 0
+        listener.setblocking(False)
+        try:
+            while True:  # whatever the old generation said on its way out
+                messages.append(listener.recv(4096).decode())
+        except BlockingIOError:
+            pass
+    finally:
+        listener.close()
+    assert "READY=1" in messages[0] and "MAINPID=%d" % proc.pid in messages[0]
+    (handover,) = [m for m in messages[1:] if m.startswith("MAINPID=")]
+    (new_ready,) = [m for m in messages[1:] if "READY=1" in m]
+    new_pid = int(handover.split("=")[1])
+    assert new_pid != proc.pid and "MAINPID=%d" % new_pid in new_ready
+    assert not any("STOPPING=1" in m for m in messages), messages
