@@ -163,6 +163,12 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
     IPv6 when the host contains ":", dual-stack unless ``ipv6_only``; a UNIX socket at its
     path; for "systemd", a duplicate of the socket systemd passed."""
     if spec.kind == "systemd":
+        # Systemd passed it to the first generation; a later one inherits it from the old.
+        inherited = upgrade.take_inherited_socket(
+            None, socket.SOCK_DGRAM if spec.datagram else socket.SOCK_STREAM, None)
+        if inherited is not None:
+            inherited.setblocking(False)
+            return inherited
         return _adopt_systemd(spec)
     family = socket.AF_UNIX if spec.kind == "unix" else (
         socket.AF_INET6 if ":" in spec.host else socket.AF_INET

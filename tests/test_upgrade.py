@@ -370,3 +370,41 @@ def test_under_systemd_the_old_generation_names_the_new_main_pid_and_never_says_
     new_pid = int(handover.split("=")[1])
     assert new_pid != proc.pid and "MAINPID=%d" % new_pid in new_ready
     assert not any("STOPPING=1" in m for m in messages), messages
+
+
+SYSTEMD_ACTIVATE = """
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", 0))
+sock.listen(64)
+with open(os.environ["APP_PORT_FILE"], "w") as f:
+    f.write(str(sock.getsockname()[1]))
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="spoon.socket")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_a_socket_activated_daemon_upgrades_onto_the_socket_systemd_passed(app):
+    """systemd passes the socket to the first generation only (LISTEN_PID names it): the
+    new one takes it from the old one."""
+    pid_file = str(app.dir / "app.pid")
+    proc = app.popen([sys.executable, "-c", SYSTEMD_ACTIVATE, *_daemon(
+        app, "start", "-D", "-p", pid_file, "-s", "2", "-e", "systemd:domain=INET:index=0")])
+    wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read().strip(), 30, what="the pid file")
+    outcome = {}
+
+    def upgrade():
+        outcome["result"] = app.run(_daemon(app, "upgrade", "-p", pid_file))
+
+    import threading
+
+    thread = threading.Thread(target=upgrade)
+    load = upgrade_under_load(app, thread.start, proc.pid)
+    thread.join(timeout=90)
+    assert outcome["result"].returncode == 0, outcome["result"].stderr
+    assert proc.wait(timeout=10) == 0
+    assert_switched(load)
+    assert int(open(pid_file).read()) != proc.pid

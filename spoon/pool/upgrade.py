@@ -83,7 +83,12 @@ class _Inheritance:
 
     def take(self, family, type_, address):
         for sock in self.sockets:
-            if sock.family != family or sock.type != type_:
+            if sock.type != type_:
+                continue
+            if family is None:  # a socket systemd passed: the old generation's, as it is
+                self.sockets.remove(sock)
+                return sock
+            if sock.family != family:
                 continue
             if _same_address(sock.getsockname(), address, family):
                 self.sockets.remove(sock)
@@ -150,7 +155,9 @@ def origin():
 
 def take_inherited_socket(family, type_, address):
     """The listening socket the previous generation handed down for ``address`` (and the
-    same family and type), or None: bind as usual.  Port 0 matches the inherited port."""
+    same family and type), or None: bind as usual.  Port 0 matches the inherited port;
+    ``family`` None (a ``systemd:`` endpoint, whose socket systemd passed to the first
+    generation only) takes the first inherited socket of that type."""
     if _inheritance is None:
         return None
     return _inheritance.take(family, type_, address)
