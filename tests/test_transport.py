@@ -2,8 +2,10 @@
 the reactor in memory: what it does at accept with input that is, or is not, already
 waiting."""
 
+import gc
 import socket
 import socketserver
+import weakref
 
 import greenlet
 import pytest
@@ -97,3 +99,53 @@ def test_a_lazily_started_handler_still_waits_for_the_first_byte(accepted):
     lean.doRead()
     assert not lean.connected
     assert recv_all(client) == b"hello\nHI\n"
+
+
+class RecordingFactory(GulpFactory):
+    """A GulpFactory that keeps a weak reference to each protocol it builds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built = []
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.built.append(weakref.ref(protocol))
+        return protocol
+
+
+class RememberedEcho(Echo):
+    """Echo, leaving a weak reference to each handler instance on its server."""
+
+    def setup(self):
+        self.server.handlers.append(weakref.ref(self))
+        super().setup()
+
+
+def test_a_finished_connection_is_freed_by_reference_counting_without_the_cyclic_collector(accepted):
+    server = socketserver.BaseServer(("127.0.0.1", 0), RememberedEcho)
+    server.handlers = []
+    reactor = MemoryReactorClock()
+    factory = RecordingFactory(server, reactor)
+    gc.collect()
+    gc.disable()
+    try:
+        # One request waiting at accept (served at once), one that the handler waits
+        # for in readline() and gets later; both greenlets go back to the pool.
+        conn, peer, client = accepted(b"first\n")
+        done = weakref.ref(transport.serve_accepted(conn, peer, factory, reactor))
+        assert recv_all(client) == b"FIRST\n"
+        conn, peer, client = accepted()
+        lean = transport.serve_accepted(conn, peer, factory, reactor)
+        later = weakref.ref(lean)
+        client.sendall(b"second\n")
+        wait_for(lambda: conn.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        lean.doRead()
+        assert recv_all(client) == b"SECOND\n"
+        del lean, conn
+        assert len(factory.pool.idle) == 1
+        refs = [done, later] + factory.built + server.handlers
+        assert len(refs) == 6
+        assert [r() for r in refs] == [None] * 6
+    finally:
+        gc.enable()
