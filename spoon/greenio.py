@@ -367,7 +367,8 @@ class GulpProtocol:
         finally:
             factory.active_handlers -= 1
             self._greenlet = None
-            self._close()
+            if not self._closed:  # socketserver's shutdown_request has closed it, usually
+                self._close()
 
     def _close(self):
         """socketserver's shutdown_request: flush what was written, then close."""
