@@ -89,6 +89,15 @@ def test_a_handler_that_speaks_first_starts_at_accept_when_nothing_waits(accepte
     assert lean in reactor.getReaders()  # and now waits for its line
 
 
+def test_an_idle_connection_s_transport_and_protocol_carry_no_instance_dictionary(accepted):
+    """They live as long as the connection, idle ones included: slots only."""
+    conn, peer, client = accepted()
+    lean, reactor, switches = serve(conn, peer, Banner)
+    assert client.recv(64) == b"hello\n"  # the handler now waits in readline()
+    assert not hasattr(lean, "__dict__")
+    assert not hasattr(lean.protocol, "__dict__")
+
+
 def test_a_lazily_started_handler_still_waits_for_the_first_byte(accepted):
     conn, peer, client = accepted()
     lean, reactor, switches = serve(conn, peer, Banner, lazy_start=True)
