@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--conc", type=int, default=16)
     p.add_argument("--tree", default=ROOT, help="profile spoon from this checkout")
+    p.add_argument("--calls", action="store_true",
+                   help="also list every Python function of spoon/ with its calls per request")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -137,6 +139,13 @@ def main(argv=None):
     print("top functions by own time (us/request, calls/request):")
     for (filename, line, name), (cc, nc, tt, ct, callers) in top:
         print("  %6.2f %5.2f  %s:%d %s" % (tt * 1e6 / n, nc / n, os.path.basename(filename), line, name))
+    if args.calls:
+        print("spoon's Python functions by calls per request:")
+        ours = [(nc / n, os.path.relpath(filename, args.tree), line, name)
+                for (filename, line, name), (cc, nc, tt, ct, callers) in stats.stats.items()
+                if "/spoon/" in filename]
+        for per, filename, line, name in sorted(ours, reverse=True):
+            print("  %5.2f  %s:%d %s" % (per, filename, line, name))
     print(json.dumps({"load_average": os.getloadavg()}))
 
 

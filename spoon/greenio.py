@@ -18,8 +18,14 @@ import socket
 
 import greenlet
 from twisted.internet import error
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ISSLTransport
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    ILoggingContext,
+    IProtocol,
+    IPushProducer,
+    ISSLTransport,
+)
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
@@ -82,28 +88,37 @@ class GreenletPool:
         self.hub = hub
         self.max_idle = max_idle
         self.idle = []
+        self._first = None  # the job a new greenlet starts with
 
-    def spawn(self, job, *args):
-        """Run ``job(*args)`` in a pooled greenlet until it first suspends or returns.
+    def spawn(self, job, arg):
+        """Run ``job(arg)`` in a pooled greenlet until it first suspends or returns.
 
-        Must be called from the hub.
+        Must be called from the hub.  One argument, called as ``job(arg)``: a call with
+        ``*args`` would go through C (``PyObject_Call``) and start another C-level
+        interpreter frame, which a suspended greenlet keeps a copy of (about 400 bytes
+        per idle connection); a plain call of a Python function does not.
         """
         if self.idle:
-            g = self.idle.pop()
-        else:
-            g = greenlet.greenlet(self._loop, parent=self.hub)
-        g.switch(job, args)
+            self.idle.pop().switch(job, arg)
+            return
+        # A new greenlet's first switch passes no arguments: greenlet holds the
+        # arguments of a greenlet's run for as long as that run lasts (here: for the
+        # pooled greenlet's life), which would keep the first job's argument alive.
+        self._first = (job, arg)
+        greenlet.greenlet(self._loop, parent=self.hub).switch()
 
-    def _loop(self, job, args):
+    def _loop(self):
+        job, arg = self._first
+        self._first = None
         idle = self.idle
         hub = self.hub
         while True:
-            job(*args)
-            job = args = None
+            job(arg)
+            job = arg = None
             if len(idle) >= self.max_idle:
                 return
             idle.append(greenlet.getcurrent())
-            job, args = hub.switch()
+            job, arg = hub.switch()
 
 
 def wait(deferred, reactor=None):
@@ -148,18 +163,48 @@ def _reactor(reactor):
     return reactor
 
 
-@implementer(IHalfCloseableProtocol, IPushProducer)
-class GulpProtocol(Protocol):
+@implementer(IProtocol, ILoggingContext, IHalfCloseableProtocol, IPushProducer)
+class GulpProtocol:
     """One stream connection: its input buffer, its flow control and its handler greenlet.
 
     Handlers never see this object directly; they use :class:`GreenSocket` (``request``),
     :class:`GreenReader` (``rfile``) and :class:`GreenWriter` (``wfile``).
+
+    A Twisted protocol (``IProtocol``) without ``twisted.internet.protocol.Protocol``'s
+    instance dictionary: one of these lives as long as its connection, idle ones
+    included, so its attributes are slots.
     """
 
-    factory = None
-    client_address = None
+    __slots__ = (
+        "factory",
+        "transport",
+        "connected",
+        "client_address",
+        "_buf",
+        "_scan",
+        "_eof",
+        "_lost",
+        "_closed",
+        "_reading_paused",
+        "_writes_paused",
+        "_producer_registered",
+        "_waiting",
+        "_greenlet",
+        "_timeout",
+        "_high_water",
+        "_max_line",
+        "_started",
+        "_between_requests",
+        "_took",
+        "_preface",
+        "__weakref__",
+    )
 
     def __init__(self):
+        self.factory = None
+        self.transport = None
+        self.connected = 0
+        self.client_address = None
         self._buf = bytearray()
         self._scan = 0  # how far readline has already looked for b"\n"
         self._eof = False  # no more input will come
@@ -170,14 +215,21 @@ class GulpProtocol(Protocol):
         self._producer_registered = False
         self._waiting = None  # "read" or "write" while the handler is suspended on I/O
         self._greenlet = None
-        self._timeout = None
+        self._timeout = None  # seconds a read or write may wait (the handler's timeout)
         self._high_water = DEFAULT_READ_HIGH_WATER
         self._max_line = DEFAULT_MAX_LINE_LENGTH
         self._started = False  # the handler greenlet has been started
         self._between_requests = False  # suspended in readline() with nothing buffered
         self._took = False  # the handler has read something: a request was under way
         self._preface = None  # reading what comes before the client's bytes (IConnectionPreface)
-        self.socket = None
+
+    def makeConnection(self, transport):
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def logPrefix(self):
+        return "GulpProtocol"
 
     # -- Twisted side -------------------------------------------------------------------
 
@@ -197,7 +249,6 @@ class GulpProtocol(Protocol):
             else:
                 addr = (peer.host, peer.port)
         self.client_address = addr
-        self.socket = GreenSocket(self)
         factory.connection_started(self)
         if factory.preface is not None:
             # The handler starts once the preface is read (_preface_done).
@@ -206,8 +257,7 @@ class GulpProtocol(Protocol):
                 self._started = True  # refused and closed: no handler, ever
             return
         if not factory.lazy_start and not IDeliversWaitingInput.providedBy(self.transport):
-            self._started = True
-            factory.pool.spawn(self._run_handler)
+            self._start_handler()
 
     def input_checked(self):
         """The transport delivered the input that waited at accept (IDeliversWaitingInput):
@@ -217,8 +267,7 @@ class GulpProtocol(Protocol):
         if self._preface is not None:
             return
         if not self._started and not self.factory.lazy_start and not self._closed:
-            self._started = True
-            self.factory.pool.spawn(self._run_handler)
+            self._start_handler()
 
     def _preface_done(self, client_address, rest):
         self._preface = None
@@ -226,8 +275,7 @@ class GulpProtocol(Protocol):
         if rest:
             self._buf += rest
         if rest or not self.factory.lazy_start:
-            self._started = True
-            self.factory.pool.spawn(self._run_handler)
+            self._start_handler()
 
     def dataReceived(self, data):
         if self._preface is not None:
@@ -239,8 +287,7 @@ class GulpProtocol(Protocol):
         if self._waiting == "read":
             self._wake()
         elif not self._started:
-            self._started = True
-            self.factory.pool.spawn(self._run_handler)
+            self._start_handler()
         elif len(buf) > self._high_water and not self._reading_paused and not self._eof:
             self._reading_paused = True
             self.transport.pauseProducing()
@@ -253,8 +300,7 @@ class GulpProtocol(Protocol):
         if self._waiting == "read":
             self._wake()
         elif not self._started:
-            self._started = True
-            self.factory.pool.spawn(self._run_handler)
+            self._start_handler()
 
     def writeConnectionLost(self):
         """The write side was half-closed; nothing to do, writes will fail."""
@@ -303,18 +349,26 @@ class GulpProtocol(Protocol):
 
     # -- handler greenlet -----------------------------------------------------------------
 
+    def _start_handler(self):
+        self._started = True
+        self.factory.pool.spawn(GulpProtocol._run_handler, self)
+
     def _run_handler(self):
         """Body of the handler greenlet: socketserver's request sequence for one
-        connection (:func:`serve_request`)."""
+        connection (:func:`serve_request`).  The handler's ``request`` (a
+        :class:`GreenSocket`) is made here and held only by the handler's side: it points
+        at this protocol, nothing here points back, so a finished connection is freed by
+        reference counting alone."""
         factory = self.factory
         factory.active_handlers += 1
         self._greenlet = greenlet.getcurrent()
         try:
-            serve_request(factory.server, self.socket, self.client_address, factory.log)
+            serve_request(factory.server, GreenSocket(self), self.client_address, factory.log)
         finally:
             factory.active_handlers -= 1
             self._greenlet = None
-            self._close()
+            if not self._closed:  # socketserver's shutdown_request has closed it, usually
+                self._close()
 
     def _close(self):
         """socketserver's shutdown_request: flush what was written, then close."""
@@ -884,9 +938,10 @@ class GulpDatagramProtocol(DatagramProtocol):
         COUNTERS.bytes_in += len(data)
         if self.pool is None:
             self.pool = GreenletPool(_current_hub())
-        self.pool.spawn(self._run_handler, data, tuple(addr))
+        self.pool.spawn(self._run_handler, (data, tuple(addr)))
 
-    def _run_handler(self, data, addr):
+    def _run_handler(self, datagram):
+        data, addr = datagram
         self.active_handlers += 1
         try:
             serve_request(self.server, (data, _DatagramReply(self.transport)), addr, self.log)

@@ -66,6 +66,7 @@ class ReactorReader:
     """Registering a descriptor (``self``, with ``self.reactor``) for reading once, and
     unregistering it once: the bookkeeping both spoon descriptors share."""
 
+    __slots__ = ()  # LeanConnection has slots only
     _reading = False
 
     def _start_reading(self):
@@ -93,19 +94,40 @@ class LeanConnection(ReactorReader):
 
     ``peer`` is the address ``accept()`` returned; the Twisted address objects are built
     only when asked for.
+
+    One lives as long as its connection, idle ones included: its attributes are slots,
+    its output list is made only when a write must wait, and at close it lets go of its
+    protocol, so that the two are freed by reference counting alone.
     """
 
-    disconnecting = False
-    connected = True
-    producer = None
+    __slots__ = (
+        "socket",
+        "peer_tuple",
+        "protocol",
+        "reactor",
+        "disconnecting",
+        "connected",
+        "producer",
+        "_out",
+        "_out_len",
+        "_reading",
+        "_writing",
+        "_read_closed",
+        "_read_stopped",
+        "_write_closing",
+        "_producer_paused",
+        "__weakref__",
+    )
 
     def __init__(self, sock, peer, protocol, reactor):
         self.socket = sock
-        self._fileno = sock.fileno()
         self.peer_tuple = peer
         self.protocol = protocol
         self.reactor = reactor
-        self._out = []
+        self.disconnecting = False
+        self.connected = True
+        self.producer = None
+        self._out = ()  # chunks waiting to be sent: a list once there are some
         self._out_len = 0
         self._reading = False
         self._writing = False
@@ -158,7 +180,7 @@ class LeanConnection(ReactorReader):
         if self._writing:
             self._writing = False
             self.reactor.removeWriter(self)
-        self._out = []
+        self._out = ()
         self._out_len = 0
         try:
             self.socket.close()
@@ -167,12 +189,15 @@ class LeanConnection(ReactorReader):
         producer, self.producer = self.producer, None
         if producer is not None:
             producer.stopProducing()
-        self.protocol.connectionLost(reason)
+        # The protocol keeps its transport (a handler may still ask it for addresses);
+        # this side lets go, so no reference cycle outlives the connection.
+        protocol, self.protocol = self.protocol, None
+        protocol.connectionLost(reason)
 
     # -- IReadDescriptor / IWriteDescriptor (called by the reactor) ------------------------
 
     def fileno(self):
-        return self._fileno if self.connected else -1
+        return self.socket.fileno() if self.connected else -1
 
     def logPrefix(self):
         return "spoon.transport"
@@ -197,7 +222,7 @@ class LeanConnection(ReactorReader):
             self._out = [rest]
             self._out_len = len(rest)
         else:
-            self._out = []
+            self._out = ()
             self._out_len = 0
             self._writing = False
             self.reactor.removeWriter(self)
@@ -236,7 +261,9 @@ class LeanConnection(ReactorReader):
             if sent == len(data):
                 return
             data = data[sent:]
-        self._out.append(data)
+            self._out = [data]
+        else:
+            self._out.append(data)
         self._out_len += len(data)
         if not self._writing:
             self._writing = True

@@ -195,9 +195,12 @@ def test_timeout_raises_socket_timeout_in_handler_and_closes():
     assert c.factory.active_handlers == 0
 
 
+class PatientPingPong(PingPong):
+    timeout = 5
+
+
 def test_timeout_restarts_for_each_read():
-    c = Conn(PingPong)
-    c.proto.socket.settimeout(5)
+    c = Conn(PatientPingPong)
     for i in range(4):
         c.clock.advance(4)
         c.feed(b"x\n")

@@ -2,6 +2,7 @@
 step: a real listening socket and real client connections, a memory reactor whose clock
 the test advances."""
 
+import os
 import socket
 
 import pytest
@@ -214,7 +215,7 @@ def test_accepted_sockets_keep_their_family_and_ignore_a_default_timeout():
     try:
         (conn,) = served
         assert (conn.family, conn.type) == (socket.AF_INET6, socket.SOCK_STREAM)
-        assert conn.gettimeout() is None and not conn.get_inheritable()
+        assert conn.gettimeout() is None and not os.get_inheritable(conn.fileno())
         assert conn.getpeername() == client_address
     finally:
         port.stopListening()

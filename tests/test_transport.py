@@ -2,8 +2,10 @@
 the reactor in memory: what it does at accept with input that is, or is not, already
 waiting."""
 
+import gc
 import socket
 import socketserver
+import weakref
 
 import greenlet
 import pytest
@@ -87,6 +89,15 @@ def test_a_handler_that_speaks_first_starts_at_accept_when_nothing_waits(accepte
     assert lean in reactor.getReaders()  # and now waits for its line
 
 
+def test_an_idle_connection_s_transport_and_protocol_carry_no_instance_dictionary(accepted):
+    """They live as long as the connection, idle ones included: slots only."""
+    conn, peer, client = accepted()
+    lean, reactor, switches = serve(conn, peer, Banner)
+    assert client.recv(64) == b"hello\n"  # the handler now waits in readline()
+    assert not hasattr(lean, "__dict__")
+    assert not hasattr(lean.protocol, "__dict__")
+
+
 def test_a_lazily_started_handler_still_waits_for_the_first_byte(accepted):
     conn, peer, client = accepted()
     lean, reactor, switches = serve(conn, peer, Banner, lazy_start=True)
@@ -97,3 +108,53 @@ def test_a_lazily_started_handler_still_waits_for_the_first_byte(accepted):
     lean.doRead()
     assert not lean.connected
     assert recv_all(client) == b"hello\nHI\n"
+
+
+class RecordingFactory(GulpFactory):
+    """A GulpFactory that keeps a weak reference to each protocol it builds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.built = []
+
+    def buildProtocol(self, addr):
+        protocol = super().buildProtocol(addr)
+        self.built.append(weakref.ref(protocol))
+        return protocol
+
+
+class RememberedEcho(Echo):
+    """Echo, leaving a weak reference to each handler instance on its server."""
+
+    def setup(self):
+        self.server.handlers.append(weakref.ref(self))
+        super().setup()
+
+
+def test_a_finished_connection_is_freed_by_reference_counting_without_the_cyclic_collector(accepted):
+    server = socketserver.BaseServer(("127.0.0.1", 0), RememberedEcho)
+    server.handlers = []
+    reactor = MemoryReactorClock()
+    factory = RecordingFactory(server, reactor)
+    gc.collect()
+    gc.disable()
+    try:
+        # One request waiting at accept (served at once), one that the handler waits
+        # for in readline() and gets later; both greenlets go back to the pool.
+        conn, peer, client = accepted(b"first\n")
+        done = weakref.ref(transport.serve_accepted(conn, peer, factory, reactor))
+        assert recv_all(client) == b"FIRST\n"
+        conn, peer, client = accepted()
+        lean = transport.serve_accepted(conn, peer, factory, reactor)
+        later = weakref.ref(lean)
+        client.sendall(b"second\n")
+        wait_for(lambda: conn.recv(64, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        lean.doRead()
+        assert recv_all(client) == b"SECOND\n"
+        del lean, conn
+        assert len(factory.pool.idle) == 1
+        refs = [done, later] + factory.built + server.handlers
+        assert len(refs) == 6
+        assert [r() for r in refs] == [None] * 6
+    finally:
+        gc.enable()
