@@ -68,6 +68,9 @@ class App:
             PYTHONUNBUFFERED="1",
             APP_PORT_FILE=self.port_file,
             SPOON_TEST_TOKEN=self.token,
+            # setproctitle would write the process titles over the environment, token
+            # included: kill_all finds the processes by it.
+            SPT_NOENV="1",
         )
         self.deploy(1)
 
