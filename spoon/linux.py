@@ -14,7 +14,6 @@
 """
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -45,7 +44,9 @@ _libc = None
 def _prctl(option, arg):
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library this interpreter already uses.  Not ctypes.util.find_library(),
+        # which runs ldconfig in a subprocess: a fork and an exec in every new worker.
+        _libc = ctypes.CDLL(None, use_errno=True)
     if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
