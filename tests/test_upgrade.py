@@ -204,6 +204,13 @@ def test_a_new_generation_that_does_not_serve_in_time_is_stopped_and_no_connecti
     assert load.failures == [] and load.refused == 0
     assert set(versions(load)) == {1}
     assert proc.poll() is None
+    # The abandoned generation is gone and reaped: the old supervisor's only children are
+    # its own two workers (a zombie would still be listed).
+    from support import children_of
+
+    workers = {pid for pid, _ in load.answers}
+    wait_for(lambda: set(children_of(proc.pid)) == workers, 30,
+             what="only the old workers left under %d" % proc.pid)
 
 
 def _daemon(app, *args):

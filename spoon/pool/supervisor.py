@@ -295,6 +295,9 @@ class Supervisor:
             upgrade_timeout = getattr(target, "upgrade_timeout", None) or upgrade.UPGRADE_TIMEOUT
         self.upgrade_timeout = float(upgrade_timeout)
         self._successor = None
+        #: New generations that failed, until their process has exited (reaped, and
+        #: killed if a TERM was not enough).
+        self._failed_successors = []
         #: The pid of the generation that took over from this one (None: none did).
         self.upgraded_to = None
         self._handlers = self._signal_handlers()
@@ -448,6 +451,10 @@ class Supervisor:
     def _watch_successor(self):
         """Act on what the new generation of an upgrade did: serve (this generation hands
         over and stops) or fail (this one keeps serving)."""
+        for failed in list(self._failed_successors):
+            failed.check_time()
+            if failed.exited():
+                self._failed_successors.remove(failed)
         successor = self._successor
         if successor is None:
             return
@@ -464,6 +471,7 @@ class Supervisor:
             self._stop(graceful=True, refuse=False)
         elif state == "failed":
             self._successor = None
+            self._failed_successors.append(successor)
             self._upgrade_failed("new generation %d %s" % (successor.pid, successor.reason))
 
     def _upgrade_failed(self, reason):
@@ -937,6 +945,7 @@ class Supervisor:
             # Stopped while an upgrade was starting: the new generation goes too.
             self.log.info("Stopping the new generation %d of the upgrade under way", self._successor.pid)
             self._successor.stop()
+            self._failed_successors.append(self._successor)
             self._successor = None
         self._stopping = "graceful" if graceful else "fast"
         self._replace_queue = []

@@ -359,10 +359,18 @@ class Successor:
             self.fd = None
 
     def stop(self):
-        """The old generation stops before the new one served: the new one stops too."""
+        """The old generation stops before the new one served: the new one stops too
+        (KILLed ``ABANDON_GRACE`` seconds later if still there: :meth:`check_time`)."""
         if self.state == "starting":
+            self._fail("stopped with the old generation")
+            self._abandoned_at = self.clock()
             self._signal(15)
         self._close()
+
+    def exited(self):
+        """True once the process this generation started has exited (and is reaped)."""
+        self._reap()
+        return self.process.returncode is not None
 
     def abandon(self):
         """The old generation is going away: stop waiting (the new one is left to live or
