@@ -419,3 +419,28 @@ def test_a_socket_activated_daemon_upgrades_onto_the_socket_systemd_passed(app):
     assert proc.wait(timeout=10) == 0
     assert_switched(load)
     assert int(open(pid_file).read()) != proc.pid
+
+
+def test_a_new_generation_that_cannot_take_over_stops_and_the_old_one_serves_on(app):
+    """A when_ready callback of the new generation fails (the daemon's pid file cannot be
+    written, say): it says why, stops, and the old one is never told to stop."""
+    (app.dir / "run.py").write_text(SCRIPT)
+    proc = app.popen([sys.executable, "run.py"])
+    load = PoolLoad(app.port(), threads=4)
+    try:
+        load.wait_for_answers(50)
+        app.deploy(2, extra=(
+            "from spoon.pool import upgrade\n"
+            "def _refuse():\n"
+            "    raise PermissionError('cannot write the pid file')\n"
+            "upgrade.when_ready(_refuse)\n"))
+        os.kill(proc.pid, signal.SIGUSR2)
+        wait_for(lambda: app.logged("Upgrade failed"), 60, what="the upgrade's failure in the log")
+        load.wait_for_answers(200)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.refused == 0
+    assert app.logged("taking over failed: PermissionError: cannot write the pid file")
+    assert proc.poll() is None
+    # Only the old code answered once the new generation had stopped.
+    assert set(versions(load)[-100:]) == {1}

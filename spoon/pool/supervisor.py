@@ -958,8 +958,11 @@ class Supervisor:
         self._stop_deadline = self.clock() + timeout
         sock = self.target.socket
         # A new generation that never took over shares its socket with the old one, which
-        # serves on: no filter on it.
-        refuse = refuse and not upgrade.is_successor()
+        # serves on: no filter on it, and no STOPPING=1 for the service, which goes on.
+        if upgrade.is_successor():
+            refuse = False
+            if self.notify is not None:
+                self.notify.handed_over(None)
         if graceful and refuse and sock is not None and sock.type == socket.SOCK_STREAM:
             # Let the workers empty the accept queue before the socket closes, instead of
             # the kernel resetting connections it already completed.
@@ -1046,7 +1049,9 @@ class Supervisor:
             self._observe(force=True)
             self._hook("when_ready")
             # A new generation of an upgrade: the old one may stop now.
-            upgrade.announce_ready(self.pid, self.log)
+            if not upgrade.announce_ready(self.pid, self.log):
+                self.log.error("This new generation cannot take over; stopping it")
+                self._stop(graceful=True)
 
     def _before_fork(self, number):
         self.stats.prepare_worker()

@@ -208,21 +208,28 @@ class FailureTee:
 
 def announce_ready(pid, log=None):
     """Every worker of the new generation serves: run the :func:`when_ready` callbacks,
-    then tell the old generation, which stops."""
+    then tell the old generation, which stops.  Returns False when a callback failed
+    (the pid file could not be taken over, say): the old generation is told why and
+    serves on, and this one must stop (it is still a successor: its stop leaves the
+    shared socket alone)."""
     inheritance = _inheritance
     if inheritance is None or inheritance.announced:
-        return
-    inheritance.announced = True
+        return True
     for callback in inheritance.callbacks:
         try:
             callback()
-        except Exception:
+        except Exception as e:
             if log is not None:
                 log.exception("Taking over from generation %s failed", inheritance.origin)
+            announce_failure("taking over failed: %s: %s" % (type(e).__name__, e))
+            inheritance.close()
+            return False
+    inheritance.announced = True
     inheritance.write("READY %d" % pid)
     inheritance.close()
     if log is not None and inheritance.origin:
         log.info("Upgrade: this generation serves; generation %d stops", inheritance.origin)
+    return True
 
 
 # -- the old generation's side ----------------------------------------------------------------
