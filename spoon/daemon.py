@@ -727,13 +727,10 @@ def main(argv=None):
     """The ``spoon`` / ``python -m spoon.daemon`` command line; returns the exit status."""
     if not upgrade.is_successor():
         return _main(argv, sys.stderr)
-    # The new generation of an upgrade: why it could not start goes to the old one too.
+    # The new generation of an upgrade: why it could not start goes to the old one too
+    # (an exception that escapes says so itself: spoon.pool.upgrade's excepthook).
     out = upgrade.FailureTee(sys.stderr)
-    try:
-        status = _main(argv, out)
-    except BaseException as e:
-        upgrade.announce_failure("%s: %s" % (type(e).__name__, e))
-        raise
+    status = _main(argv, out)
     if status:
         out.announce()
     return status

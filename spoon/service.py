@@ -169,6 +169,15 @@ class _SupervisorProtocol(ProcessProtocol):
 POOL_CANNOT_SERVE = 3
 
 
+def _signal_process(process, signum):
+    """Signal a spawned process; False when it has exited (or went away meanwhile)."""
+    try:
+        process.signalProcess(int(signum))
+    except Exception:  # ProcessExitedAlready
+        return False
+    return True
+
+
 def _exit_now(code):
     """At interpreter exit, once twistd has cleaned up: leave with ``code``."""
     logging.shutdown()
@@ -418,10 +427,7 @@ class PreforkService(service.Service):
             # Stopped while an upgrade was starting: its new supervisor goes too.
             process = self._successor[0]
             self._end_upgrade()
-            try:
-                process.signalProcess(int(signal.SIGTERM))
-            except Exception:
-                pass
+            _signal_process(process, signal.SIGTERM)
         self._spawn_pending = False
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
@@ -525,10 +531,7 @@ class PreforkService(service.Service):
             pid=process.pid, old=old.pid if old is not None else None,
         )
         if old is not None:
-            try:
-                old.signalProcess(int(signal.SIGUSR2))
-            except Exception:
-                pass
+            _signal_process(old, signal.SIGUSR2)
 
     def _successor_too_late(self):
         self._successor_timeout = None
@@ -541,10 +544,7 @@ class PreforkService(service.Service):
             pid=protocol.pid, timeout=self.upgrade_timeout, old=self.pid,
         )
         self._end_upgrade()
-        try:
-            process.signalProcess(int(signal.SIGTERM))
-        except Exception:
-            pass
+        _signal_process(process, signal.SIGTERM)
 
     def _successor_ended(self, protocol, how):
         if self._successor is None or self._successor[1] is not protocol:
@@ -640,13 +640,7 @@ class PreforkService(service.Service):
     # -- signals relayed to the supervisor ----------------------------------------------
 
     def _signal(self, signum):
-        if self.process is None:
-            return False
-        try:
-            self.process.signalProcess(int(signum))
-        except Exception:  # ProcessExitedAlready, or it went away meanwhile
-            return False
-        return True
+        return self.process is not None and _signal_process(self.process, signum)
 
     def reload(self):
         """``load_config()`` in every worker (SIGUSR1 to the supervisor)."""

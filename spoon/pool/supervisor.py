@@ -298,8 +298,6 @@ class Supervisor:
         #: New generations that failed, until their process has exited (reaped, and
         #: killed if a TERM was not enough).
         self._failed_successors = []
-        #: The pid of the generation that took over from this one (None: none did).
-        self.upgraded_to = None
         self._handlers = self._signal_handlers()
         self._init_observing()
 
@@ -461,7 +459,6 @@ class Supervisor:
         state = successor.check_time()
         if state == "ready":
             self._successor = None
-            self.upgraded_to = successor.pid
             successor.abandon()
             self.log.info(
                 "Upgrade: new generation %d serves; stopping this generation (%d) gracefully",
