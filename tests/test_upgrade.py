@@ -137,6 +137,39 @@ def upgrade_under_load(app, signal_upgrade, old_master):
     return load
 
 
+def failed_upgrade_under_load(app, port, deploy, signal_upgrade, *logged):
+    """Load the pool, ``deploy()`` code that cannot take over, upgrade, wait until the log
+    shows each of ``logged`` in turn; returns the load, which must have seen no failed or
+    refused request."""
+    load = PoolLoad(port, threads=4)
+    try:
+        load.wait_for_answers(50)
+        deploy()
+        signal_upgrade()
+        for text in logged:
+            wait_for(lambda: app.logged(text), 60, what="%r in the log" % text)
+        load.wait_for_answers(200)
+    finally:
+        load.stop()
+    assert load.failures == [] and load.refused == 0, load.failures[:5]
+    return load
+
+
+def start_script(app, script=SCRIPT):
+    (app.dir / "run.py").write_text(script)
+    return app.popen([sys.executable, "run.py"])
+
+
+def start_twistd(app):
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return app.popen([twistd, "--pidfile", str(app.dir / "twistd.pid"), "--logfile", app.log, "-n",
+                      "spoon", "--server", "app.Server", "-s", "2", "-e", "tcp:0:interface=127.0.0.1"])
+
+
+def usr2(proc):
+    return lambda: os.kill(proc.pid, signal.SIGUSR2)
+
+
 def assert_switched(load):
     assert load.failures == [], load.failures[:5]
     assert load.refused == 0
@@ -147,27 +180,18 @@ def assert_switched(load):
 
 
 def test_usr2_to_a_script_upgrades_its_pool_under_load_without_a_failed_request(app):
-    (app.dir / "run.py").write_text(SCRIPT)
-    proc = app.popen([sys.executable, "run.py"])
-    load = upgrade_under_load(app, lambda: os.kill(proc.pid, signal.SIGUSR2), proc.pid)
+    proc = start_script(app)
+    load = upgrade_under_load(app, usr2(proc), proc.pid)
     assert proc.wait(timeout=10) == 0
     assert_switched(load)
     assert app.logged("Upgrade: new generation")
 
 
 def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(app):
-    (app.dir / "run.py").write_text(SCRIPT)
-    proc = app.popen([sys.executable, "run.py"])
-    load = PoolLoad(app.port(), threads=4)
-    try:
-        load.wait_for_answers(50)
-        app.deploy(2, extra="raise ImportError('a broken deploy')")
-        os.kill(proc.pid, signal.SIGUSR2)
-        wait_for(lambda: app.logged("Upgrade failed"), 60, what="the upgrade's failure in the log")
-        load.wait_for_answers(100)
-    finally:
-        load.stop()
-    assert load.failures == [] and load.refused == 0
+    proc = start_script(app)
+    load = failed_upgrade_under_load(
+        app, app.port(), lambda: app.deploy(2, extra="raise ImportError('a broken deploy')"),
+        usr2(proc), "Upgrade failed")
     assert set(versions(load)) == {1}
     assert proc.poll() is None
     assert app.logged("a broken deploy")  # the new generation's own traceback
@@ -187,21 +211,13 @@ Server.upgrade_timeout = 2
 
 
 def test_a_new_generation_that_does_not_serve_in_time_is_stopped_and_no_connection_is_refused(app):
-    (app.dir / "run.py").write_text(SCRIPT.replace("import app\n", "import app\napp.Server.upgrade_timeout = 2\n"))
-    proc = app.popen([sys.executable, "run.py"])
-    load = PoolLoad(app.port(), threads=4)
-    try:
-        load.wait_for_answers(50)
-        (app.dir / "app.py").write_text(APP.format(version=2, extra="", broken=False) + STALLED_WORKERS)
-        os.kill(proc.pid, signal.SIGUSR2)
-        wait_for(lambda: app.logged("did not serve within 2"), 30, what="the upgrade's timeout")
-        # The new generation stops (its stalled workers killed after its grace) while the
-        # old one serves on the socket they shared: nothing refused at the socket.
-        wait_for(lambda: app.logged("Graceful stop of 2 worker(s)"), 30, what="the new generation's stop")
-        load.wait_for_answers(200)
-    finally:
-        load.stop()
-    assert load.failures == [] and load.refused == 0
+    proc = start_script(app, SCRIPT.replace("import app\n", "import app\napp.Server.upgrade_timeout = 2\n"))
+    # The new generation stops (its stalled workers killed after its grace) while the old
+    # one serves on the socket they shared: nothing refused at the socket.
+    load = failed_upgrade_under_load(
+        app, app.port(),
+        lambda: (app.dir / "app.py").write_text(APP.format(version=2, extra="", broken=False) + STALLED_WORKERS),
+        usr2(proc), "did not serve within 2", "Graceful stop of 2 worker(s)")
     assert set(versions(load)) == {1}
     assert proc.poll() is None
     # The abandoned generation is gone and reaped: the old supervisor's only children are
@@ -218,23 +234,36 @@ def _daemon(app, *args):
     return [sys.executable, "-m", "spoon.daemon", "app.Server", *args]
 
 
+class UpgradeCommand:
+    """``spoon app.Server upgrade -p PID_FILE`` run in a thread (it returns only once the
+    upgrade is over, while the test keeps its load running): :meth:`start`, :meth:`result`."""
+
+    def __init__(self, app, pid_file):
+        import threading
+
+        self.completed = None
+        self.thread = threading.Thread(target=self._run, args=(app, pid_file))
+
+    def _run(self, app, pid_file):
+        self.completed = app.run(_daemon(app, "upgrade", "-p", pid_file))
+
+    def start(self):
+        self.thread.start()
+
+    def result(self):
+        self.thread.join(timeout=90)
+        return self.completed
+
+
 def test_spoon_upgrade_switches_the_daemon_to_the_new_code_and_the_pid_file_to_the_new_master(app):
     pid_file = str(app.dir / "app.pid")
     started = app.run(_daemon(app, "start", "-p", pid_file, "-L", app.log, "-s", "2",
                               "-e", "tcp:0:interface=127.0.0.1"))
     assert started.returncode == 0, started.stderr
     old = int(open(pid_file).read())
-    outcome = {}
-
-    def upgrade():
-        outcome["result"] = app.run(_daemon(app, "upgrade", "-p", pid_file))
-
-    import threading
-
-    thread = threading.Thread(target=upgrade)
-    load = upgrade_under_load(app, thread.start, old)
-    thread.join(timeout=90)
-    result = outcome["result"]
+    command = UpgradeCommand(app, pid_file)
+    load = upgrade_under_load(app, command.start, old)
+    result = command.result()
     assert result.returncode == 0, result.stderr
     new = int(open(pid_file).read())
     assert new != old and pid_alive(new)
@@ -295,19 +324,16 @@ def _supervisors(twistd_pid):
 
 
 def test_usr2_to_twistd_upgrades_its_pool_through_the_pool_service(app):
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    pid_file = str(app.dir / "twistd.pid")
-    proc = app.popen([twistd, "--pidfile", pid_file, "--logfile", app.log, "-n", "spoon",
-                      "--server", "app.Server", "-s", "2", "-e", "tcp:0:interface=127.0.0.1"])
+    proc = start_twistd(app)
     port = _twistd_port(app)
     wait_for(lambda: len(_supervisors(proc.pid)) == 1, 30, what="the supervisor")
     (old_supervisor,) = _supervisors(proc.pid)
     with open(app.port_file, "w") as f:
         f.write(str(port))
-    load = upgrade_under_load(app, lambda: os.kill(proc.pid, signal.SIGUSR2), old_supervisor)
+    load = upgrade_under_load(app, usr2(proc), old_supervisor)
     assert_switched(load)
     # twistd is the master and stays (its pid file too); its supervisor is the new one.
-    assert proc.poll() is None and int(open(pid_file).read()) == proc.pid
+    assert proc.poll() is None and int(open(app.dir / "twistd.pid").read()) == proc.pid
     (new_supervisor,) = _supervisors(proc.pid)
     assert new_supervisor != old_supervisor
     proc.send_signal(signal.SIGTERM)
@@ -315,19 +341,10 @@ def test_usr2_to_twistd_upgrades_its_pool_through_the_pool_service(app):
 
 
 def test_a_twistd_pool_keeps_serving_when_the_new_code_cannot_start(app):
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    proc = app.popen([twistd, "--pidfile", str(app.dir / "twistd.pid"), "--logfile", app.log, "-n",
-                      "spoon", "--server", "app.Server", "-s", "2", "-e", "tcp:0:interface=127.0.0.1"])
-    load = PoolLoad(_twistd_port(app), threads=4)
-    try:
-        load.wait_for_answers(50)
-        app.deploy(2, extra="raise ImportError('a broken deploy')")
-        os.kill(proc.pid, signal.SIGUSR2)
-        wait_for(lambda: app.logged("upgrade failed: new supervisor"), 60, what="the failure in the log")
-        load.wait_for_answers(100)
-    finally:
-        load.stop()
-    assert load.failures == [] and load.refused == 0
+    proc = start_twistd(app)
+    load = failed_upgrade_under_load(
+        app, _twistd_port(app), lambda: app.deploy(2, extra="raise ImportError('a broken deploy')"),
+        usr2(proc), "upgrade failed: new supervisor")
     assert set(versions(load)) == {1}
     assert app.logged("a broken deploy") and proc.poll() is None
     proc.send_signal(signal.SIGTERM)
@@ -355,8 +372,7 @@ def test_under_systemd_the_old_generation_names_the_new_main_pid_and_never_says_
         wait_for(got, timeout, interval=0, what="notify messages, so far %r" % messages)
 
     try:
-        (app.dir / "run.py").write_text(SCRIPT)
-        proc = app.popen([sys.executable, "run.py"])
+        proc = start_script(app)
         receive_until(lambda: any("READY=1" in m for m in messages))
         app.deploy(2, extra="# the new code")
         os.kill(proc.pid, signal.SIGUSR2)
@@ -405,17 +421,10 @@ def test_a_socket_activated_daemon_upgrades_onto_the_socket_systemd_passed(app):
     proc = app.popen([sys.executable, "-c", SYSTEMD_ACTIVATE, *_daemon(
         app, "start", "-D", "-p", pid_file, "-s", "2", "-e", "systemd:domain=INET:index=0")])
     wait_for(lambda: os.path.exists(pid_file) and open(pid_file).read().strip(), 30, what="the pid file")
-    outcome = {}
-
-    def upgrade():
-        outcome["result"] = app.run(_daemon(app, "upgrade", "-p", pid_file))
-
-    import threading
-
-    thread = threading.Thread(target=upgrade)
-    load = upgrade_under_load(app, thread.start, proc.pid)
-    thread.join(timeout=90)
-    assert outcome["result"].returncode == 0, outcome["result"].stderr
+    command = UpgradeCommand(app, pid_file)
+    load = upgrade_under_load(app, command.start, proc.pid)
+    result = command.result()
+    assert result.returncode == 0, result.stderr
     assert proc.wait(timeout=10) == 0
     assert_switched(load)
     assert int(open(pid_file).read()) != proc.pid
@@ -424,22 +433,12 @@ def test_a_socket_activated_daemon_upgrades_onto_the_socket_systemd_passed(app):
 def test_a_new_generation_that_cannot_take_over_stops_and_the_old_one_serves_on(app):
     """A when_ready callback of the new generation fails (the daemon's pid file cannot be
     written, say): it says why, stops, and the old one is never told to stop."""
-    (app.dir / "run.py").write_text(SCRIPT)
-    proc = app.popen([sys.executable, "run.py"])
-    load = PoolLoad(app.port(), threads=4)
-    try:
-        load.wait_for_answers(50)
-        app.deploy(2, extra=(
-            "from spoon.pool import upgrade\n"
-            "def _refuse():\n"
-            "    raise PermissionError('cannot write the pid file')\n"
-            "upgrade.when_ready(_refuse)\n"))
-        os.kill(proc.pid, signal.SIGUSR2)
-        wait_for(lambda: app.logged("Upgrade failed"), 60, what="the upgrade's failure in the log")
-        load.wait_for_answers(200)
-    finally:
-        load.stop()
-    assert load.failures == [] and load.refused == 0
+    proc = start_script(app)
+    load = failed_upgrade_under_load(app, app.port(), lambda: app.deploy(2, extra=(
+        "from spoon.pool import upgrade\n"
+        "def _refuse():\n"
+        "    raise PermissionError('cannot write the pid file')\n"
+        "upgrade.when_ready(_refuse)\n")), usr2(proc), "Upgrade failed")
     assert app.logged("taking over failed: PermissionError: cannot write the pid file")
     assert proc.poll() is None
     # Only the old code answered once the new generation had stopped.
