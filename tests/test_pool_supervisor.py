@@ -77,6 +77,7 @@ class FakeProcesses:
         self.hold_new_workers = False
         self.ppid = 1
         self.prepared = None
+        self.quit_on_term = False  # workers exit the moment they get SIGTERM
 
     # -- what the supervisor calls --------------------------------------------------------
 
@@ -121,6 +122,8 @@ class FakeProcesses:
         w.signals.append(sig)
         if sig == signal.SIGKILL:
             self.exit(pid, None, signal.SIGKILL)
+        elif sig == signal.SIGTERM and self.quit_on_term:
+            self.exit(pid, 0)
 
     def waitpid(self, pid):
         w = self.workers.get(pid)
@@ -397,6 +400,48 @@ def test_graceful_stop_signals_every_worker_and_kills_the_late_ones_after_the_gr
     assert len(procs.forks) == 2  # nobody replaced during the stop
     pool.finish()
     assert pool.target.stopped and pool.pids == []
+
+
+class RecordingNotifier:
+    """Stands for spoon.systemd.Notifier: what a ``Type=notify`` unit would be told."""
+
+    enabled = True
+    watchdog_interval = None
+
+    def __init__(self):
+        self.sent = []
+
+    def ready(self, status=None, mainpid=None):
+        self.sent.append("READY=1")
+
+    def reloading(self):
+        self.sent.append("RELOADING=1")
+
+    def stopping(self):
+        self.sent.append("STOPPING=1")
+
+    def send(self, *states):
+        self.sent.extend(states)
+
+
+def test_systemd_hears_stopping_even_when_every_worker_is_gone_within_the_same_turn():
+    clock = FakeClock()
+    processes = FakeProcesses(clock)
+    notifier = RecordingNotifier()
+    sup = Supervisor(FakeTarget(), clock=clock, processes=processes,
+                     poller=lambda: FakePoll(processes, clock), signals=False, notifier=notifier)
+    sup.start()
+    try:
+        run_until(sup, lambda: notifier.sent == ["READY=1"])
+        processes.quit_on_term = True  # reaped in the turn that signals them
+        sup.request(signal.SIGTERM)
+        steps = 0
+        while sup.step():
+            steps += 1
+            assert steps < 10
+        assert notifier.sent == ["READY=1", "STOPPING=1"]
+    finally:
+        sup.finish()
 
 
 def test_fast_stop_interrupts_the_workers_and_kills_after_a_short_wait(pool):

@@ -97,7 +97,14 @@ def test_the_service_command_serves_the_activated_socket_and_notifies(tmp_path):
         wait_for(lambda: heard("READY=1") and sum("READY=1" in m for m in seen) > count,
                  timeout=10, what="READY=1 after the reload")
         os.kill(mainpid, signal.SIGTERM)  # KillMode=mixed: TERM to the main process
-        assert proc.wait(timeout=30) == 0
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            raise AssertionError("no exit 30 s after SIGTERM; heard %r; it said:\n%s"
+                                 % (seen, proc.stdout.read().decode(errors="replace")))
+        assert proc.returncode == 0, proc.stdout.read()
         # What it sent on its way out is still in the socket's queue.
         wait_for(lambda: heard("STOPPING=1", running=False), timeout=10, what="STOPPING=1")
     finally:

@@ -944,6 +944,12 @@ class Supervisor:
             self._successor.stop()
             self._failed_successors.append(self._successor)
             self._successor = None
+        # A new generation that never took over shares its socket with the old one, which
+        # serves on: no filter on it, and no STOPPING=1 for the service, which goes on.
+        if upgrade.is_successor():
+            refuse = False
+            if self.notify is not None:
+                self.notify.handed_over(None)
         self._stopping = "graceful" if graceful else "fast"
         self._replace_queue = []
         self._rolling = None
@@ -953,13 +959,11 @@ class Supervisor:
             else min(FAST_STOP_TIMEOUT, self.graceful_timeout)
         )
         self._stop_deadline = self.clock() + timeout
+        # Now, not at the end of this turn: workers quick to go may all be reaped before
+        # it, and the loop ends without another turn.
+        if self.notify is not None:
+            self._tell_systemd()
         sock = self.target.socket
-        # A new generation that never took over shares its socket with the old one, which
-        # serves on: no filter on it, and no STOPPING=1 for the service, which goes on.
-        if upgrade.is_successor():
-            refuse = False
-            if self.notify is not None:
-                self.notify.handed_over(None)
         if graceful and refuse and sock is not None and sock.type == socket.SOCK_STREAM:
             # Let the workers empty the accept queue before the socket closes, instead of
             # the kernel resetting connections it already completed.
