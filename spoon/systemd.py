@@ -19,15 +19,21 @@ import time
 
 __all__ = ["Notifier"]
 
+#: Seconds a message may wait for room in systemd's queue before it is given up: a
+#: supervisor sends them from its loop, which must never stall on a busy manager.
+SEND_TIMEOUT = 1.0
+
 
 class Notifier:
     """Send state changes to systemd's notification socket (nothing without one).
 
     ``environ``: where ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID`` are read
-    (default ``os.environ``), once, at construction.
+    (default ``os.environ``), once, at construction; ``send_timeout``: how long a message
+    waits when the manager's queue is full (it is dropped after that).
     """
 
-    def __init__(self, environ=None):
+    def __init__(self, environ=None, send_timeout=SEND_TIMEOUT):
+        self.send_timeout = send_timeout
         env = os.environ if environ is None else environ
         address = env.get("NOTIFY_SOCKET") or None
         if address and address.startswith("@"):
@@ -60,11 +66,14 @@ class Notifier:
 
     def send(self, *states):
         """Send ``states`` ("READY=1", ...) as one message; False when there is nobody to
-        tell or the socket refused it (systemd gone: the service goes on)."""
+        tell, the socket refused it (systemd gone: the service goes on) or its queue stayed
+        full for ``send_timeout`` seconds (a manager too busy to read: the next state or
+        ping says it again)."""
         if not self.enabled:
             return False
         message = "\n".join(states).encode()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(self.send_timeout)
             try:
                 sock.connect(self.address)
                 sock.sendall(message)

@@ -3,6 +3,7 @@ socket."""
 
 import os
 import socket
+import threading
 
 import pytest
 
@@ -30,6 +31,23 @@ def test_notifier_sends_each_state_as_one_datagram(notify_socket):
     assert reloading[0] == b"RELOADING=1" and reloading[1].startswith(b"MONOTONIC_USEC=")
     assert notifier.stopping() and sock.recv(4096) == b"STOPPING=1"
     assert notifier.watchdog() and sock.recv(4096) == b"WATCHDOG=1"
+
+
+def test_a_full_notify_queue_drops_the_message_instead_of_blocking_the_sender(notify_socket):
+    path, sock = notify_socket  # never read: the queue fills up (net.unix.max_dgram_qlen)
+    notifier = Notifier({"NOTIFY_SOCKET": path}, send_timeout=0.05)
+    results = []
+
+    def send_until_refused():
+        while len(results) < 1000 and (not results or results[-1]):
+            results.append(notifier.watchdog())
+
+    sender = threading.Thread(target=send_until_refused, daemon=True)
+    sender.start()
+    sender.join(timeout=60)
+    assert not sender.is_alive(), "a send blocked on the full queue"
+    assert results[0] is True and results[-1] is False
+    assert sock.recv(4096) == b"WATCHDOG=1"
 
 
 def test_abstract_notify_socket_names_work():
