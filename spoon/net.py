@@ -5,8 +5,9 @@ dropped) and handed down as a descriptor, so it serves the endpoint types that a
 socket: ``tcp``, ``tcp6``, ``udp``, ``udp6``, ``unix`` (a UNIX stream socket: bound once,
 shared like a TCP one), ``ssl`` (a TCP socket whose every process speaks TLS, see
 :mod:`spoon.tls`) and ``systemd`` (a socket systemd bound and passed:
-``LISTEN_FDS``/``LISTEN_PID``).  Their descriptions are parsed here with the same syntax
-as Twisted's ``serverFromString``.
+``LISTEN_FDS``/``LISTEN_PID``, chosen by position, ``index=``, or by the socket unit's
+``FileDescriptorName=``, ``name=``).  Their descriptions are parsed here with the same
+syntax as Twisted's ``serverFromString``.
 """
 
 import dataclasses
@@ -37,8 +38,9 @@ _ARGUMENTS = {
 class SocketSpec:
     """What to bind: ``kind`` ("tcp", "udp", "unix" or "systemd"), ``host`` (the path of a
     UNIX socket), ``port`` (None for "unix" and "systemd"), ``backlog`` (None: the server
-    class decides), ``mode`` (a UNIX socket's permissions), ``index`` (which of the
-    sockets systemd passed); ``proxy``: connections start with a PROXY protocol header
+    class decides), ``mode`` (a UNIX socket's permissions), ``index`` or ``name`` (which
+    of the sockets systemd passed: by position, or by the unit's ``FileDescriptorName=``);
+    ``proxy``: connections start with a PROXY protocol header
     (a "haproxy:tcp:..." endpoint); ``tls``: the TLS settings of an "ssl:..." endpoint
     (a TCP socket; :mod:`spoon.tls`), None for plain TCP."""
 
@@ -48,6 +50,7 @@ class SocketSpec:
     backlog: object = None
     mode: object = None
     index: object = None
+    name: object = None
     proxy: bool = False
     tls: object = None
 
@@ -136,12 +139,19 @@ def parse_socket_endpoint(description):
             raise ValueError("endpoint %r: mode must be an octal number" % description) from None
         return SocketSpec("unix", keywords["address"], None, backlog, mode=mode)
     if kind == "systemd":
+        if ("index" in keywords) == ("name" in keywords):
+            raise ValueError(
+                "endpoint %r needs index=N or name=NAME (which passed socket: its position, "
+                "or the socket unit's FileDescriptorName=), not both" % description
+            )
         if "name" in keywords:
-            raise ValueError("endpoint %r: name= is not supported, give index=N" % description)
+            if not keywords["name"]:
+                raise ValueError("endpoint %r: name= is empty" % description)
+            return SocketSpec("systemd", None, None, name=keywords["name"])
         try:
             index = int(keywords["index"])
-        except (KeyError, ValueError):
-            raise ValueError("endpoint %r needs index=N (which passed socket)" % description) from None
+        except ValueError:
+            raise ValueError("endpoint %r: index must be a number" % description) from None
         return SocketSpec("systemd", None, None, index=index)
     try:
         port = int(keywords["port"])
@@ -238,17 +248,30 @@ def _remove_stale_unix_socket(path):
 
 
 def _adopt_systemd(spec):
-    """The socket systemd passed at ``spec.index`` (``LISTEN_FDS`` descriptors from 3, for
-    the process ``LISTEN_PID`` names), duplicated: the caller owns what it gets."""
+    """The socket systemd passed at ``spec.index`` or named ``spec.name`` (``LISTEN_FDS``
+    descriptors from 3 and their ``LISTEN_FDNAMES``, for the process ``LISTEN_PID``
+    names), duplicated: the caller owns what it gets."""
     from twisted.python.systemd import ListenFDs
 
-    descriptors = ListenFDs.fromEnvironment().inheritedDescriptors()
-    if not 0 <= spec.index < len(descriptors):
-        raise OSError(
-            0, "systemd:index=%d: systemd passed %d socket(s) to this process (LISTEN_FDS, "
-            "LISTEN_PID)" % (spec.index, len(descriptors))
-        )
-    sock = socket.socket(fileno=os.dup(descriptors[spec.index]))
+    passed = ListenFDs.fromEnvironment()
+    if spec.name is not None:
+        named = passed.inheritedNamedDescriptors()
+        if spec.name not in named:
+            raise OSError(
+                0, "systemd:name=%s: systemd passed no socket of that name to this process "
+                "(names passed: %s; LISTEN_FDNAMES, LISTEN_PID)"
+                % (spec.name, ", ".join(sorted(named)) or "none")
+            )
+        fd = named[spec.name]
+    else:
+        descriptors = passed.inheritedDescriptors()
+        if not 0 <= spec.index < len(descriptors):
+            raise OSError(
+                0, "systemd:index=%d: systemd passed %d socket(s) to this process (LISTEN_FDS, "
+                "LISTEN_PID)" % (spec.index, len(descriptors))
+            )
+        fd = descriptors[spec.index]
+    sock = socket.socket(fileno=os.dup(fd))
     sock.setblocking(False)
     return sock
 

@@ -194,6 +194,27 @@ def test_a_systemd_socket_in_one_process_or_pre_forked(run, entry, workers):
 
 
 @pytest.mark.parametrize("entry", ["twistd", "daemon"])
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_systemd_socket_chosen_by_its_name(run, entry, workers):
+    r = run(entry, "-e", "systemd:domain=INET:name=spoon.socket", "-s", workers, systemd=True)
+    facts = r.ask()
+    if workers == "2":
+        _workers_of(r)
+    else:
+        assert facts["pid"] == r.pid
+
+
+@pytest.mark.parametrize("entry", ["twistd", "daemon"])
+def test_a_systemd_socket_name_that_was_not_passed_is_one_line_naming_those_that_were(run, entry):
+    r = run(entry, "-e", "systemd:domain=INET:name=other.socket", systemd=True)
+    assert r.proc.wait(timeout=30) != 0
+    out = r.output()
+    assert "systemd:name=other.socket" in out and "names passed: spoon.socket" in out, out
+    if entry == "daemon":  # twistd reports a service that cannot start with its traceback
+        assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("entry", ["twistd", "daemon"])
 def test_port_and_interface(run, entry):
     r = run(entry, "-I", "127.0.0.1")
     assert r.ask()["pid"] == r.pid

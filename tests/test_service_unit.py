@@ -4,6 +4,8 @@ life cycle driven by a MemoryReactorClock, and the line relay.  No process is st
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -37,6 +39,52 @@ from spoon.targets import TargetError, resolve
 def test_parse_socket_endpoints(description, expected):
     spec = parse_socket_endpoint(description)
     assert (spec.kind, spec.host, spec.port, spec.backlog) == expected
+
+
+@pytest.mark.parametrize("description, index, name", [
+    ("systemd:domain=INET:index=1", 1, None),
+    ("systemd:domain=INET:name=web.socket", None, "web.socket"),
+])
+def test_a_systemd_socket_is_chosen_by_position_or_by_name(description, index, name):
+    spec = parse_socket_endpoint(description)
+    assert (spec.kind, spec.index, spec.name) == ("systemd", index, name)
+
+
+#: Two sockets passed as systemd passes them (descriptors 3 and 4, LISTEN_FDNAMES in the
+#: same order); the endpoint given picks one; prints the port of the socket it got.
+ADOPT_NAMED = """
+import os, socket, sys
+from spoon.net import bind_socket, parse_socket_endpoint
+socks = []
+for fd in (3, 4):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    os.dup2(s.fileno(), fd)
+    socks.append(s)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="2", LISTEN_FDNAMES="first:second")
+got = bind_socket(parse_socket_endpoint(sys.argv[1]))
+print(" ".join(str(s.getsockname()[1]) for s in socks + [got]))
+"""
+
+
+@pytest.mark.parametrize("choice, which", [("index=0", 0), ("index=1", 1), ("name=first", 0),
+                                           ("name=second", 1)])
+def test_the_chosen_systemd_socket_is_the_one_adopted(choice, which):
+    out = subprocess.run([sys.executable, "-c", ADOPT_NAMED, "systemd:domain=INET:" + choice],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    ports = out.stdout.split()
+    assert ports[2] == ports[which]
+
+
+@pytest.mark.parametrize("description", [
+    "systemd:domain=INET", "systemd:domain=INET:index=0:name=web", "systemd:domain=INET:index=x",
+    "systemd:domain=INET:name=",
+])
+def test_a_systemd_endpoint_names_exactly_one_socket(description):
+    with pytest.raises(ValueError, match="endpoint"):
+        parse_socket_endpoint(description)
 
 
 @pytest.mark.parametrize("description", ["onion:443", "tls:443", "ssh:22"])
