@@ -184,19 +184,9 @@ def test_a_unix_endpoint_in_one_process_or_pre_forked(run, entry, workers, tmp_p
 
 @pytest.mark.parametrize("entry", ["twistd", "daemon"])
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_systemd_socket_in_one_process_or_pre_forked(run, entry, workers):
-    r = run(entry, "-e", "systemd:domain=INET:index=0", "-s", workers, systemd=True)
-    facts = r.ask()
-    if workers == "2":
-        _workers_of(r)
-    else:
-        assert facts["pid"] == r.pid
-
-
-@pytest.mark.parametrize("entry", ["twistd", "daemon"])
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_systemd_socket_chosen_by_its_name(run, entry, workers):
-    r = run(entry, "-e", "systemd:domain=INET:name=spoon.socket", "-s", workers, systemd=True)
+@pytest.mark.parametrize("choice", ["index=0", "name=spoon.socket"])
+def test_a_systemd_socket_in_one_process_or_pre_forked(run, entry, workers, choice):
+    r = run(entry, "-e", "systemd:domain=INET:" + choice, "-s", workers, systemd=True)
     facts = r.ask()
     if workers == "2":
         _workers_of(r)

@@ -255,12 +255,17 @@ class UpgradeCommand:
         return self.completed
 
 
-def test_spoon_upgrade_switches_the_daemon_to_the_new_code_and_the_pid_file_to_the_new_master(app):
+def _start_daemon(app):
+    """A daemonised 2-worker pool of ``app``: its pid file and its pid."""
     pid_file = str(app.dir / "app.pid")
     started = app.run(_daemon(app, "start", "-p", pid_file, "-L", app.log, "-s", "2",
                               "-e", "tcp:0:interface=127.0.0.1"))
     assert started.returncode == 0, started.stderr
-    old = int(open(pid_file).read())
+    return pid_file, int(open(pid_file).read())
+
+
+def test_spoon_upgrade_switches_the_daemon_to_the_new_code_and_the_pid_file_to_the_new_master(app):
+    pid_file, old = _start_daemon(app)
     command = UpgradeCommand(app, pid_file)
     load = upgrade_under_load(app, command.start, old)
     result = command.result()
@@ -277,11 +282,7 @@ def test_spoon_upgrade_switches_the_daemon_to_the_new_code_and_the_pid_file_to_t
 
 
 def test_spoon_upgrade_reports_a_failed_upgrade_and_the_daemon_keeps_its_pid_file(app):
-    pid_file = str(app.dir / "app.pid")
-    started = app.run(_daemon(app, "start", "-p", pid_file, "-L", app.log, "-s", "2",
-                              "-e", "tcp:0:interface=127.0.0.1"))
-    assert started.returncode == 0, started.stderr
-    old = int(open(pid_file).read())
+    pid_file, old = _start_daemon(app)
     # Code that does not import is refused by the command itself: nothing is signalled.
     app.deploy(2, extra="raise ImportError('a broken deploy')")
     result = app.run(_daemon(app, "upgrade", "-p", pid_file))
