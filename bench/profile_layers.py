@@ -1,15 +1,17 @@
 """Python time per short request by layer (Twisted, greenlet bridge, ours, socketserver,
-stdlib socket), from a deterministic profile of one serving process.
+stdlib socket), from a deterministic profile of the serving processes.
 
-    python bench/profile_layers.py [--seconds 3] [--conc 16]
+    python bench/profile_layers.py [--seconds 3] [--conc 16] [--spork] [--pinned]
 
 py-spy samples wall time of running *or runnable* threads, which on a loaded host smears
 the cost over whatever line a process was preempted at.  This script instead runs a
 TCPSpoon (one process: the same per-connection path as a TCPSpork worker, without the
-sibling-aware accept policy) under cProfile in a child process, drives it with the
-generator's short exchange (unpinned), and prints each layer's own Python time and call
-count per request, and how many objects per request only the cyclic garbage collector
-frees.  cProfile inflates every call by a similar amount, so read the shares
+sibling-aware accept policy) under cProfile in a child process, or with ``--spork`` a
+TCPSpork prefork=2 with each worker under cProfile (the shared accept policy and the
+reactor iterations it costs), drives it with the generator's short exchange (unpinned, or
+with ``--pinned`` the server on the first core and the generator on the second), and
+prints each layer's own Python time and call count per request, and how many objects per
+request only the cyclic garbage collector frees.  cProfile inflates every call by a similar amount, so read the shares
 and the call counts, not the absolute microseconds.  Under ``flock /work/notes/bench.lock``.
 """
 
@@ -57,19 +59,11 @@ def layer(filename, name):
     return "other Python"
 
 
-def serve(out, tree):
-    """Child: a TCPSpoon (spoon from checkout ``tree``) serving the bench's echo handler
-    under cProfile."""
-    sys.path.insert(0, tree)
-    sys.path.insert(0, os.path.join(HERE, "servers"))
-    from handlers import make_handlers, ready
-    from spoon.server import Gulp, TCPSpoon
-
-    class Server(TCPSpoon):
-        handler_klass = make_handlers(Gulp)["echo"]
-
-    server = Server(("127.0.0.1", 0))
+def profile_until_winch(out):
+    """Profile this process from now until SIGWINCH, then write the profile to ``out``
+    (and the cyclic collector's counts to ``out.gc``) and exit."""
     prof = cProfile.Profile()
+    before = gc.get_stats()
 
     def stop(*_):
         prof.disable()
@@ -83,9 +77,37 @@ def serve(out, tree):
         os._exit(0)
 
     signal.signal(signal.SIGWINCH, stop)  # TERM and INT are the reactor's
-    ready(server.server_address[1])
-    before = gc.get_stats()
     prof.enable()
+
+
+def serve(out, tree, spork):
+    """Child: a TCPSpoon (or with ``spork`` a TCPSpork whose two workers are each
+    profiled, into ``out.<worker number>``), spoon from checkout ``tree``, serving the
+    bench's echo handler under cProfile."""
+    sys.path.insert(0, tree)
+    sys.path.insert(0, os.path.join(HERE, "servers"))
+    from handlers import make_handlers, ready
+    from spoon.server import Gulp, TCPSpoon, TCPSpork
+
+    if spork:
+        class Server(TCPSpork):
+            prefork = 2
+            handler_klass = make_handlers(Gulp)["echo"]
+
+            def post_fork(self, number):
+                profile_until_winch("%s.%d" % (out, number))
+
+        server = Server(("127.0.0.1", 0))
+        ready(server.server_address[1])
+        server.serve_forever()
+        return
+
+    class Server(TCPSpoon):
+        handler_klass = make_handlers(Gulp)["echo"]
+
+    server = Server(("127.0.0.1", 0))
+    ready(server.server_address[1])
+    profile_until_winch(out)
     server.serve_forever()
 
 
@@ -96,20 +118,46 @@ def main(argv=None):
     p.add_argument("--tree", default=ROOT, help="profile spoon from this checkout")
     p.add_argument("--calls", action="store_true",
                    help="also list every Python function of spoon/ with its calls per request")
+    p.add_argument("--spork", action="store_true",
+                   help="profile the two workers of a TCPSpork prefork=2 (the shared "
+                        "accept policy) instead of one TCPSpoon")
+    p.add_argument("--pinned", action="store_true",
+                   help="the server on the first core and the generator on the second "
+                        "(scenario 1's shape; give --conc 8) instead of both free")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return serve(args.child, os.path.abspath(args.tree))
+        return serve(args.child, os.path.abspath(args.tree), args.spork)
     out = tempfile.mktemp(prefix="spoon-layers-", suffix=".prof")
-    child = subprocess.Popen([sys.executable, __file__, "--child", out, "--tree", args.tree],
+    command = [sys.executable, __file__, "--child", out, "--tree", args.tree]
+    server_cpus = gen_cpus = None
+    if args.pinned:
+        server_cpus, gen_cpus = "0", [1]
+        command = ["taskset", "-c", server_cpus] + command
+    child = subprocess.Popen(command + (["--spork"] if args.spork else []),
                              stdout=subprocess.PIPE, text=True)
+    outs = [out]
     try:
         line = child.stdout.readline()
         port = int(line.split()[1])
         s = scenarios.Settings()
         s.warmup = 0.0
-        r = scenarios.loadgen("short", port, s, args.conc, cpus=None, duration=args.seconds)
-        child.send_signal(signal.SIGWINCH)
+        r = scenarios.loadgen("short", port, s, args.conc, cpus=gen_cpus, duration=args.seconds)
+        if args.spork:
+            with open("/proc/%d/task/%d/children" % (child.pid, child.pid)) as f:
+                workers = [int(pid) for pid in f.read().split()]
+            # Worker numbers start at 1.
+            outs = ["%s.%d" % (out, number) for number in range(1, len(workers) + 1)]
+            for pid in workers:
+                os.kill(pid, signal.SIGWINCH)
+            deadline = time.monotonic() + 60
+            while not all(os.path.exists(o + ".gc") for o in outs):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the workers wrote no profile within 60 s")
+                time.sleep(0.05)
+            child.terminate()
+        else:
+            child.send_signal(signal.SIGWINCH)
         child.wait(timeout=60)
     finally:
         if child.poll() is None:
@@ -117,11 +165,14 @@ def main(argv=None):
             child.wait()
     # No warm-up: the generator's window covers (nearly) every request the profile saw.
     n = r.get("requests")
-    stats = pstats.Stats(out)
-    os.unlink(out)
-    with open(out + ".gc") as f:
-        collected = json.load(f)
-    os.unlink(out + ".gc")
+    stats = pstats.Stats(*outs)
+    collected = {"collections": 0, "collected": 0}
+    for o in outs:
+        with open(o + ".gc") as f:
+            for key, value in json.load(f).items():
+                collected[key] += value
+        os.unlink(o)
+        os.unlink(o + ".gc")
     own, calls = {}, {}
     for (filename, _line, name), (cc, nc, tt, ct, callers) in stats.stats.items():
         key = layer(filename, name)
