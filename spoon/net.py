@@ -168,10 +168,15 @@ def parse_socket_endpoint(description):
     return SocketSpec(kind, host, port, backlog, tls=tls)
 
 
-def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
+def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024, defer_accept=False):
     """Bind (and for TCP, listen on) the socket ``spec`` describes, as a spoon server would:
     IPv6 when the host contains ":", dual-stack unless ``ipv6_only``; a UNIX socket at its
-    path; for "systemd", a duplicate of the socket systemd passed."""
+    path; for "systemd", a duplicate of the socket systemd passed (its unit's
+    ``DeferAcceptSec=`` says what ``defer_accept`` says for the others).
+
+    ``defer_accept``: a TCP socket of a ``client_speaks_first`` server gets
+    ``TCP_DEFER_ACCEPT`` (Linux), as its ``server_activate()`` gives it when the class
+    binds itself: the kernel hands a connection over only once its first bytes are in."""
     if spec.kind == "systemd":
         # Systemd passed it to the first generation; a later one inherits it from the old.
         inherited = upgrade.take_inherited_socket(
@@ -201,6 +206,8 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if ipv6_only else 0)
         sock.bind((spec.host, spec.port))
         if not spec.datagram:
+            if defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
             sock.listen(spec.backlog if spec.backlog is not None else backlog)
     except OSError as e:
         sock.close()
@@ -290,4 +297,5 @@ def socket_options(klass):
         "ipv6_only": bool(getattr(klass, "ipv6_only", False)),
         "reuse_address": bool(getattr(klass, "allow_reuse_address", True)),
         "backlog": int(getattr(klass, "request_queue_size", 1024)),
+        "defer_accept": bool(getattr(klass, "client_speaks_first", False)),
     }

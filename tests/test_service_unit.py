@@ -13,8 +13,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
-from spoon.net import bind_socket, parse_socket_endpoint
-from spoon.service import PreforkService
+import spoon.server
+from spoon.net import bind_socket, parse_socket_endpoint, socket_options
+from spoon.service import PreforkService, ServeService
 from spoon.targets import TargetError, resolve
 
 
@@ -96,6 +97,35 @@ def test_other_endpoints_are_not_socket_endpoints(description):
 def test_malformed_socket_endpoints_are_rejected(description):
     with pytest.raises(ValueError, match="endpoint"):
         parse_socket_endpoint(description)
+
+
+class SpeaksFirst(spoon.server.TCPSpoon):
+    client_speaks_first = True
+
+
+def _defers_accept(sock):
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) != 0
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux only")
+@pytest.mark.parametrize("klass, deferred", [(spoon.server.TCPSpoon, False), (SpeaksFirst, True)])
+def test_a_client_speaks_first_class_defers_accept_on_every_socket_spoon_binds(klass, deferred):
+    """The class binding itself (a script, the spoon command), the TCP sockets spoon binds
+    for it (a pool's, ``twistd spoon``'s endpoints): the same TCP_DEFER_ACCEPT."""
+    itself = klass(("127.0.0.1", 0))
+    bound = bind_socket(parse_socket_endpoint("tcp:0:interface=127.0.0.1"), **socket_options(klass))
+    served = ServeService(klass(("127.0.0.1", 0), bind_and_activate=False),
+                          ["tcp:0:interface=127.0.0.1"], reactor=MemoryReactorClock())
+    served.startService()
+    try:
+        assert _defers_accept(itself.socket) is deferred
+        assert _defers_accept(bound) is deferred
+        assert _defers_accept(served.ports[0].socket) is deferred
+    finally:
+        itself.server_close()
+        bound.close()
+        for port in served.ports:
+            port.stopListening()
 
 
 def test_bind_dual_stack_serves_ipv4_and_ipv6():
