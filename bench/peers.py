@@ -28,11 +28,13 @@ class Peer:
     ``model``: how it serves connections, for the report; ``idle_cap``: at most this many
     idle connections in the memory scenario (None: no cap; 0: not measured, with
     ``idle_reason``); ``requires``: a feature of ours still being written ("spork" or
-    "prefork"), the peer is reported as pending until it works.
+    "prefork"), the peer is reported as pending until it works; ``only``: the scenarios
+    it runs in (None: every one).
     """
 
     def __init__(self, name, label, model, env="project", script=None, args=(), workers=1,
-                 requires=None, idle_cap=None, idle_reason=None, ours=False, launcher=None):
+                 requires=None, idle_cap=None, idle_reason=None, ours=False, launcher=None,
+                 only=None):
         self.name = name
         self.label = label
         self.model = model
@@ -45,6 +47,7 @@ class Peer:
         self.idle_reason = idle_reason
         self.ours = ours
         self.launcher = launcher
+        self.only = only
         self.unavailable = None  # a reason, when it cannot run here
 
     def python(self, envs):
@@ -57,6 +60,12 @@ PEERS = [
     Peer("spork", "ours: TCPSpork prefork=2", "greenlet per connection on Twisted, 2 workers",
          script="ours.py", args=["--kind", "spork", "--workers", "2"], workers=2,
          requires="spork", ours=True),
+    # The opt-in for protocols where the client speaks first (the bench's echo is one):
+    # TCP_DEFER_ACCEPT and a handler started at the first byte.  Load shapes only.
+    Peer("spork-csf", "ours: TCPSpork prefork=2, client_speaks_first",
+         "greenlet per connection on Twisted, 2 workers, TCP_DEFER_ACCEPT",
+         script="ours.py", args=["--kind", "spork", "--workers", "2", "--client-speaks-first"],
+         workers=2, requires="spork", ours=True, only=("shapes",)),
     Peer("twisted", "raw Twisted protocol", "Twisted protocol, 1 process",
          script="twisted_raw.py"),
     Peer("twisted-prefork", "raw Twisted, our prefork=2", "Twisted protocol, 2 workers (spoon.prefork)",

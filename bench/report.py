@@ -177,28 +177,44 @@ def _shape_cell(results, shape, peer, conc):
     return cpu if cpu.get("median") is not None else None
 
 
+#: Our peers read against the original in each load shape: the default, and the opt-in
+#: for protocols where the client speaks first (a row only when that peer ran).
+SHAPE_OURS = (
+    ("spork", "TCPSpork", ""),
+    ("spork-csf", "TCPSpork with client_speaks_first",
+     "opt-in for protocols where the client speaks first, as the bench's echo does"),
+)
+
+
 def shape_targets(results):
-    """One row per load shape: TCPSpork's server CPU per short request against the
-    original spoon 1.0.6's, the ratio of the medians, with each side's min-max spread."""
+    """One row per load shape and peer of ours: its server CPU per short request against
+    the original spoon 1.0.6's, the ratio of the medians, with each side's min-max spread."""
     rows = []
     for shape, data in sorted((results.get("shapes") or {}).items()):
-        conc = SHAPE_TARGET_CONC.get(shape, (data.get("concs") or [None])[0])
-        ours = _shape_cell(results, shape, "spork", conc)
-        theirs = _shape_cell(results, shape, "spoon-1.0.6", conc)
-        name = "CPU/request, TCPSpork vs spoon 1.0.6, %s c=%s, median of %s" % (
-            shape, conc, data.get("reps"))
-        load = data.get("load") or {}
-        note = "load avg %s-%s" % (_f(load.get("min"), "%.1f"), _f(load.get("max"), "%.1f"))
-        if ours is None or theirs is None:
-            rows.append((name, "≤ 1.0x", "–", "pending", note))
-            continue
-        r = ours["median"] / theirs["median"]
-        low, high = ours["min"] / theirs["max"], ours["max"] / theirs["min"]
-        if low <= 1.0 < high:
-            note += "; 1.0x is within the spread"
-        rows.append((name, "≤ 1.0x", "%.2fx (%.1f vs %.1f µs; spread %.2f-%.2fx)" % (
-            r, ours["median"], theirs["median"], low, high), "met" if r <= 1.0 else "not met", note))
+        for peer, label, why in SHAPE_OURS:
+            if peer != "spork" and peer not in (data.get("peers") or {}):
+                continue
+            rows.append(_shape_row(results, shape, data, peer, label, why))
     return rows
+
+
+def _shape_row(results, shape, data, peer, label, why):
+    conc = SHAPE_TARGET_CONC.get(shape, (data.get("concs") or [None])[0])
+    ours = _shape_cell(results, shape, peer, conc)
+    theirs = _shape_cell(results, shape, "spoon-1.0.6", conc)
+    name = "CPU/request, %s vs spoon 1.0.6, %s c=%s, median of %s" % (
+        label, shape, conc, data.get("reps"))
+    load = data.get("load") or {}
+    note = "; ".join(x for x in (why, "load avg %s-%s" % (
+        _f(load.get("min"), "%.1f"), _f(load.get("max"), "%.1f"))) if x)
+    if ours is None or theirs is None:
+        return (name, "≤ 1.0x", "–", "pending", note)
+    r = ours["median"] / theirs["median"]
+    low, high = ours["min"] / theirs["max"], ours["max"] / theirs["min"]
+    if low <= 1.0 < high:
+        note += "; 1.0x is within the spread"
+    return (name, "≤ 1.0x", "%.2fx (%.1f vs %.1f µs; spread %.2f-%.2fx)" % (
+        r, ours["median"], theirs["median"], low, high), "met" if r <= 1.0 else "not met", note)
 
 
 def targets_text(results):

@@ -193,7 +193,8 @@ def main(argv=None):
         else:
             log("%s (%s)" % (p.name, p.label))
             entry["status"] = "ok"
-            entry.update(run_peer(p, envs[p.env], s, args.scenario_names))
+            wanted = [n for n in args.scenario_names if p.only is None or n in p.only]
+            entry.update(run_peer(p, envs[p.env], s, wanted))
             if entry["notes"] and p.requires:
                 # e.g. a Spork that did not fork: its numbers are not the Spork's.
                 entry["status"] = "pending: " + "; ".join(entry["notes"])

@@ -18,8 +18,9 @@ import statistics
 import scenarios
 from peers import Server, log
 
-#: The peers compared (ours pre-forked, the original's, raw Twisted on our pre-fork).
-PEERS = ("spork", "spoon-1.0.6", "twisted-prefork")
+#: The peers compared (ours pre-forked, with and without the client_speaks_first opt-in,
+#: the original's, raw Twisted on our pre-fork).
+PEERS = ("spork", "spork-csf", "spoon-1.0.6", "twisted-prefork")
 
 
 class Shape:

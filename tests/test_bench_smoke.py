@@ -77,7 +77,8 @@ def test_each_load_shape_gets_a_tcpspork_vs_original_row_read_with_its_spread():
 
     results = {"shapes": {
         "pinned": {"reps": 3, "concs": [8], "load": {"min": 1.0, "max": 2.0}, "peers": {
-            "spork": {8: cell(20.0, 22.0, 24.0)}, "spoon-1.0.6": {8: cell(23.0, 24.0, 25.0)}}},
+            "spork": {8: cell(20.0, 22.0, 24.0)}, "spoon-1.0.6": {8: cell(23.0, 24.0, 25.0)},
+            "spork-csf": {8: cell(18.0, 18.0, 19.0)}}},
         "unpinned": {"reps": 3, "concs": [16, 64], "load": {"min": 1.0, "max": 2.0}, "peers": {
             "spork": {"16": cell(33.0, 36.0, 35.0)}, "spoon-1.0.6": {"16": cell(24.0, 24.5, 26.0)}}},
     }}
@@ -88,6 +89,12 @@ def test_each_load_shape_gets_a_tcpspork_vs_original_row_read_with_its_spread():
     unpinned = rows["CPU/request, TCPSpork vs spoon 1.0.6, unpinned c=16, median of 3"]
     assert unpinned[2].startswith("1.43x") and unpinned[3] == "not met"
     assert "within the spread" not in unpinned[4]
+    # The client_speaks_first opt-in gets a row of its own, only where it ran.
+    opt_in = rows["CPU/request, TCPSpork with client_speaks_first vs spoon 1.0.6, pinned c=8, "
+                  "median of 3"]
+    assert opt_in[2].startswith("0.75x") and opt_in[3] == "met"
+    assert "client speaks first" in opt_in[4]
+    assert len(rows) == 3
     del results["shapes"]["pinned"]["peers"]["spoon-1.0.6"]
     rows = {r[0]: r for r in report.shape_targets(results)}
     assert rows["CPU/request, TCPSpork vs spoon 1.0.6, pinned c=8, median of 3"][3] == "pending"

@@ -18,6 +18,8 @@ def main():
     p.add_argument("--kind", choices=["spoon", "spork"], default="spoon")
     p.add_argument("--handler", default="echo")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--client-speaks-first", action="store_true",
+                   help="the server class's client_speaks_first opt-in (TCP_DEFER_ACCEPT)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = TCPSpork if args.kind == "spork" else TCPSpoon
@@ -25,6 +27,7 @@ def main():
     class Server(base):
         handler_klass = make_handlers(Gulp)[args.handler]
         prefork = args.workers
+        client_speaks_first = args.client_speaks_first
 
     server = Server(("127.0.0.1", 0))
     ready(server.server_address[1])
