@@ -17,7 +17,14 @@ import stat
 
 from spoon.pool import upgrade
 
-__all__ = ["SocketSpec", "parse_socket_endpoint", "bind_socket", "format_address", "socket_options"]
+__all__ = [
+    "SocketSpec",
+    "parse_socket_endpoint",
+    "bind_socket",
+    "format_address",
+    "socket_options",
+    "set_defer_accept",
+]
 
 #: Twisted endpoint types that name a plain socket this module can bind (and hand down).
 SOCKET_ENDPOINT_TYPES = ("tcp", "tcp6", "udp", "udp6", "unix", "ssl", "systemd")
@@ -194,6 +201,8 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024, defer_a
         family, kind, spec.host if family == socket.AF_UNIX else (spec.host, spec.port)
     )
     if inherited is not None:
+        # Bound by the old generation's code: the deferral is what this code says.
+        set_defer_accept(inherited, defer_accept)
         inherited.setblocking(False)
         return inherited
     if spec.kind == "unix":
@@ -206,8 +215,7 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024, defer_a
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if ipv6_only else 0)
         sock.bind((spec.host, spec.port))
         if not spec.datagram:
-            if defer_accept and hasattr(socket, "TCP_DEFER_ACCEPT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+            set_defer_accept(sock, defer_accept)
             sock.listen(spec.backlog if spec.backlog is not None else backlog)
     except OSError as e:
         sock.close()
@@ -215,6 +223,18 @@ def bind_socket(spec, ipv6_only=False, reuse_address=True, backlog=1024, defer_a
         raise OSError(e.errno, "cannot bind %s %s: %s" % (spec.kind, where, e.strerror)) from e
     sock.setblocking(False)
     return sock
+
+
+def set_defer_accept(sock, defer):
+    """Turn ``TCP_DEFER_ACCEPT`` on or off on a listening TCP socket, as a server class's
+    ``client_speaks_first`` says: on, the kernel hands a connection over only once its
+    first bytes are in.  Other sockets, and systems without the option, stay as they are."""
+    if (
+        sock.type == socket.SOCK_STREAM
+        and sock.family in (socket.AF_INET, socket.AF_INET6)
+        and hasattr(socket, "TCP_DEFER_ACCEPT")
+    ):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1 if defer else 0)
 
 
 def _bind_unix(spec, backlog):

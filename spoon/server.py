@@ -30,6 +30,7 @@ from spoon.pool.stats import COUNTERS
 from spoon.pool.target import IPoolTarget, IRequestCounting
 from spoon.pool import upgrade
 from spoon.logs import bridge_twisted_to_stdlib
+from spoon.net import set_defer_accept
 from spoon.reactors import mark_ran, reactor_for_serving
 
 __all__ = [
@@ -273,6 +274,9 @@ class _SpoonMixIn:
         if inherited is None:
             # A new generation of a code upgrade: the old one listens on this address.
             inherited = upgrade.take_inherited_socket(self.address_family, self.socket_type, address)
+            if inherited is not None:
+                # Activated by the old generation's code: defer as this code says.
+                set_defer_accept(inherited, self.client_speaks_first)
         if inherited is not None:
             # Bound (and listening) by a supervisor: server_bind() and server_activate()
             # already happened there.
@@ -319,9 +323,8 @@ class _SpoonMixIn:
     def server_activate(self):
         """Listen (streams), with ``TCP_DEFER_ACCEPT`` for a ``client_speaks_first``
         class; called by the constructor, may be extended."""
-        if self.socket_type == socket.SOCK_STREAM and self.client_speaks_first:
-            if hasattr(socket, "TCP_DEFER_ACCEPT"):
-                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        if self.client_speaks_first:
+            set_defer_accept(self.socket, True)
         super().server_activate()
 
     def fileno(self):

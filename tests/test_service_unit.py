@@ -128,6 +128,52 @@ def test_a_client_speaks_first_class_defers_accept_on_every_socket_spoon_binds(k
             port.stopListening()
 
 
+#: A new generation of a code upgrade (the listening socket handed down as SPOON_UPGRADE_FDS):
+#: the class binding its address itself, or spoon.net binding for it; prints the socket's
+#: TCP_DEFER_ACCEPT and port.
+NEW_GENERATION = """
+import socket, sys
+import spoon.server
+from spoon.net import bind_socket, parse_socket_endpoint, socket_options
+
+class Server(spoon.server.TCPSpoon):
+    client_speaks_first = sys.argv[3] == "first"
+
+port = int(sys.argv[1])
+if sys.argv[2] == "class":
+    sock = Server(("127.0.0.1", port)).socket
+else:
+    sock = bind_socket(parse_socket_endpoint("tcp:%d:interface=127.0.0.1" % port),
+                       **socket_options(Server))
+print(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT), sock.getsockname()[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_DEFER_ACCEPT"), reason="Linux only")
+@pytest.mark.parametrize("path", ["class", "net"])
+@pytest.mark.parametrize("old, new", [(True, False), (False, True)])
+def test_an_upgrade_defers_accept_as_the_new_code_says_not_as_the_old_did(path, old, new):
+    """An upgrade that changes client_speaks_first: the inherited socket follows the new
+    class (a greeting server would otherwise have its clients wait for the kernel)."""
+    old_socket = socket.socket()
+    try:
+        old_socket.bind(("127.0.0.1", 0))
+        old_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1 if old else 0)
+        old_socket.listen(8)
+        port = old_socket.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-c", NEW_GENERATION, str(port), path, "first" if new else "greets"],
+            env=dict(os.environ, SPOON_UPGRADE_FDS=str(old_socket.fileno())),
+            pass_fds=[old_socket.fileno()], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        deferral, inherited_port = out.stdout.split()
+        assert int(inherited_port) == port  # the inherited socket, not a new one
+        assert (int(deferral) != 0) is new
+        assert (old_socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) != 0) is new
+    finally:
+        old_socket.close()
+
+
 def test_bind_dual_stack_serves_ipv4_and_ipv6():
     sock = bind_socket(parse_socket_endpoint("tcp:0:interface=\\:\\:"))
     try:
