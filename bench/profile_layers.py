@@ -11,8 +11,9 @@ TCPSpork prefork=2 with each worker under cProfile (the shared accept policy and
 reactor iterations it costs), drives it with the generator's short exchange (unpinned, or
 with ``--pinned`` the server on the first core and the generator on the second), and
 prints each layer's own Python time and call count per request, and how many objects per
-request only the cyclic garbage collector frees.  cProfile inflates every call by a similar amount, so read the shares
-and the call counts, not the absolute microseconds.  Under ``flock /work/notes/bench.lock``.
+request only the cyclic garbage collector frees.  cProfile inflates every call by a
+similar amount, so read the shares and the call counts, not the absolute microseconds.
+Under ``flock /work/notes/bench.lock``.
 """
 
 import argparse
@@ -130,18 +131,21 @@ def main(argv=None):
         return serve(args.child, os.path.abspath(args.tree), args.spork)
     out = tempfile.mktemp(prefix="spoon-layers-", suffix=".prof")
     command = [sys.executable, __file__, "--child", out, "--tree", args.tree]
-    server_cpus = gen_cpus = None
+    s = scenarios.Settings()
+    s.warmup = 0.0
+    gen_cpus = None
     if args.pinned:
-        server_cpus, gen_cpus = "0", [1]
-        command = ["taskset", "-c", server_cpus] + command
+        if not s.server_cpus:
+            raise SystemExit("--pinned needs two usable cores")
+        # The bench's own split of the cores (scenario 1).
+        gen_cpus = s.gen_cpus
+        command = ["taskset", "-c", ",".join(map(str, s.server_cpus))] + command
     child = subprocess.Popen(command + (["--spork"] if args.spork else []),
                              stdout=subprocess.PIPE, text=True)
     outs = [out]
     try:
         line = child.stdout.readline()
         port = int(line.split()[1])
-        s = scenarios.Settings()
-        s.warmup = 0.0
         r = scenarios.loadgen("short", port, s, args.conc, cpus=gen_cpus, duration=args.seconds)
         if args.spork:
             with open("/proc/%d/task/%d/children" % (child.pid, child.pid)) as f:

@@ -177,12 +177,13 @@ def _shape_cell(results, shape, peer, conc):
     return cpu if cpu.get("median") is not None else None
 
 
-#: Our peers read against the original in each load shape: the default, and the opt-in
-#: for protocols where the client speaks first (a row only when that peer ran).
+#: Our peers read against the original in each load shape: the default (a row always,
+#: pending when it did not run), and the opt-in for protocols where the client speaks
+#: first (a row only when that peer ran).  (peer, label, note, always)
 SHAPE_OURS = (
-    ("spork", "TCPSpork", ""),
+    ("spork", "TCPSpork", "", True),
     ("spork-csf", "TCPSpork with client_speaks_first",
-     "opt-in for protocols where the client speaks first, as the bench's echo does"),
+     "opt-in for protocols where the client speaks first, as the bench's echo does", False),
 )
 
 
@@ -191,8 +192,8 @@ def shape_targets(results):
     the original spoon 1.0.6's, the ratio of the medians, with each side's min-max spread."""
     rows = []
     for shape, data in sorted((results.get("shapes") or {}).items()):
-        for peer, label, why in SHAPE_OURS:
-            if peer != "spork" and peer not in (data.get("peers") or {}):
+        for peer, label, why, always in SHAPE_OURS:
+            if not always and peer not in (data.get("peers") or {}):
                 continue
             rows.append(_shape_row(results, shape, data, peer, label, why))
     return rows
